@@ -1,0 +1,4 @@
+//! Coinbase Developer Platform: API key loading, JWT bearer auth, session-token client.
+
+pub mod jwt;
+pub mod key;

@@ -1,0 +1,798 @@
+//! `config.toml`: typed, strict (unknown keys refused), validated once at start-up.
+//!
+//! Parsing (serde + toml) catches unknown keys and wrong types; [`Config::validate`]
+//! then checks what types cannot express (addresses parse, timeouts > 0, paths start
+//! with `/`, ...). Every problem found is reported, each naming the file and the key,
+//! the way oauth2-proxy collects all messages instead of stopping at the first one.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+
+/// One bad key (or an unreadable/unparsable file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Dotted key, e.g. `server.listen`; empty when the file as a whole is the problem.
+    pub key: String,
+    pub message: String,
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            if p.key.is_empty() {
+                write!(f, "{}: {}", self.file.display(), p.message)?;
+            } else {
+                write!(f, "{}: {}: {}", self.file.display(), p.key, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub tls: TlsConfig,
+    pub upstream: UpstreamConfig,
+    pub admin: AdminConfig,
+    pub cdp: CdpConfig,
+    pub onramp: OnrampConfig,
+    pub offramp: OfframpConfig,
+    pub addresses: AddressesConfig,
+    pub rate_limit: RateLimitConfig,
+    pub cors: CorsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub http_listen: String,
+    pub workers: usize,
+    pub max_connections: usize,
+    pub header_read_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub max_header_bytes: usize,
+    pub shutdown_delay_ms: u64,
+    pub shutdown_grace_ms: u64,
+    pub proxy_protocol: ProxyProtocol,
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8443".into(),
+            http_listen: String::new(),
+            workers: 0,
+            max_connections: 10_000,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_header_bytes: 65_536,
+            shutdown_delay_ms: 0,
+            shutdown_grace_ms: 30_000,
+            proxy_protocol: ProxyProtocol::Off,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    Off,
+    On,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub self_signed: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert: "certs/tls.crt".into(),
+            key: "certs/tls.key".into(),
+            self_signed: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    pub url: String,
+    pub connect_timeout_ms: u64,
+    pub response_timeout_ms: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:3000".into(),
+            connect_timeout_ms: 2_000,
+            response_timeout_ms: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9901".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CdpConfig {
+    pub api_base: String,
+    pub key_file: String,
+    pub timeout_ms: u64,
+    pub substitute_private_client_ip: String,
+}
+
+impl Default for CdpConfig {
+    fn default() -> Self {
+        Self {
+            api_base: "https://api.developer.coinbase.com".into(),
+            key_file: String::new(),
+            timeout_ms: 5_000,
+            substitute_private_client_ip: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OnrampConfig {
+    pub path: String,
+    pub url: String,
+    pub blockchains: Vec<String>,
+    pub assets: Vec<String>,
+}
+
+impl Default for OnrampConfig {
+    fn default() -> Self {
+        Self {
+            path: "/onramp".into(),
+            url: "https://pay.coinbase.com/buy/select-asset".into(),
+            blockchains: vec!["base".into(), "ethereum".into()],
+            assets: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OfframpConfig {
+    pub path: String,
+    pub url: String,
+    pub redirect_url_allowlist: Vec<String>,
+}
+
+impl Default for OfframpConfig {
+    fn default() -> Self {
+        Self {
+            path: "/offramp".into(),
+            url: "https://pay.coinbase.com/v3/sell/input".into(),
+            redirect_url_allowlist: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AddressSource {
+    Request,
+    Upstream,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AddressesConfig {
+    pub source: AddressSource,
+    pub context_path: String,
+}
+
+impl Default for AddressesConfig {
+    fn default() -> Self {
+        Self {
+            source: AddressSource::Request,
+            context_path: "/.well-known/onramp-context".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimiterBackend {
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBackendError {
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    pub requests_per_minute: u32,
+    pub burst: u32,
+    pub ipv6_prefix: u8,
+    pub backend: LimiterBackend,
+    pub redis_url: String,
+    pub on_backend_error: OnBackendError,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            requests_per_minute: 10,
+            burst: 5,
+            ipv6_prefix: 64,
+            backend: LimiterBackend::Memory,
+            redis_url: "redis://127.0.0.1:6379/0".into(),
+            on_backend_error: OnBackendError::Deny,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    pub allowed_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Values derived from the raw config during validation, in the types the server uses.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config: Config,
+    /// Directory of the config file: relative file paths in it are resolved against it.
+    pub base_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub http_listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub upstream: http::Uri,
+    pub cdp_api_base: url::Url,
+    pub cdp_key_file: Option<PathBuf>,
+    pub substitute_private_client_ip: Option<IpAddr>,
+    pub onramp_url: url::Url,
+    pub offramp_url: url::Url,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+}
+
+impl Settings {
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.server.header_read_timeout_ms)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.server.idle_timeout_ms)
+    }
+    pub fn shutdown_delay(&self) -> Duration {
+        Duration::from_millis(self.config.server.shutdown_delay_ms)
+    }
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.config.server.shutdown_grace_ms)
+    }
+    pub fn upstream_connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.upstream.connect_timeout_ms)
+    }
+    pub fn upstream_response_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.upstream.response_timeout_ms)
+    }
+    pub fn cdp_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.cdp.timeout_ms)
+    }
+}
+
+/// Where the config file is: `--config`, else `ONRAMP_GATEWAY_CONFIG`, else `config.toml`
+/// (clap resolves the first two).
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    let fail = |message: String| ConfigError {
+        file: path.to_path_buf(),
+        problems: vec![ConfigProblem {
+            key: String::new(),
+            message,
+        }],
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let config: Config = toml::from_str(&text).map_err(|e| fail(describe_toml_error(&e)))?;
+    let base_dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    config.validate(&base_dir).map_err(|problems| ConfigError {
+        file: path.to_path_buf(),
+        problems,
+    })
+}
+
+/// toml's message already names the key and quotes the line; flatten it to one line
+/// so it reads well in a container log.
+fn describe_toml_error(e: &toml::de::Error) -> String {
+    let mut msg = e.message().trim().to_string();
+    if let (Some(span), true) = (e.span(), !msg.is_empty()) {
+        msg = format!("{msg} (at byte {})", span.start);
+    }
+    msg
+}
+
+/// Collects problems while checking every key.
+struct Checker {
+    problems: Vec<ConfigProblem>,
+}
+
+impl Checker {
+    fn bad(&mut self, key: &str, message: impl Into<String>) {
+        self.problems.push(ConfigProblem {
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn socket_addr(&mut self, key: &str, value: &str) -> Option<SocketAddr> {
+        match value.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.bad(
+                    key,
+                    format!("invalid socket address {value:?} (expected e.g. \"0.0.0.0:8443\" or \"[::]:8443\")"),
+                );
+                None
+            }
+        }
+    }
+
+    fn optional_socket_addr(&mut self, key: &str, value: &str) -> Option<SocketAddr> {
+        if value.is_empty() {
+            None
+        } else {
+            self.socket_addr(key, value)
+        }
+    }
+
+    fn positive(&mut self, key: &str, value: u64) {
+        if value == 0 {
+            self.bad(key, "must be greater than 0");
+        }
+    }
+
+    fn route_path(&mut self, key: &str, value: &str) {
+        if !value.starts_with('/') {
+            self.bad(key, format!("must start with '/' (got {value:?})"));
+        } else if value.contains(['?', '#', ' ']) {
+            self.bad(key, format!("must be a plain path without query or fragment (got {value:?})"));
+        }
+    }
+
+    fn url(&mut self, key: &str, value: &str, allow_http: bool) -> Option<url::Url> {
+        match url::Url::parse(value) {
+            Ok(u) if u.scheme() == "https" || (allow_http && u.scheme() == "http") => {
+                if u.host_str().is_none() {
+                    self.bad(key, format!("URL has no host: {value:?}"));
+                    None
+                } else {
+                    Some(u)
+                }
+            }
+            Ok(u) => {
+                self.bad(key, format!("unsupported scheme {:?} in {value:?}", u.scheme()));
+                None
+            }
+            Err(e) => {
+                self.bad(key, format!("invalid URL {value:?}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn readable_file(&mut self, key: &str, path: &Path) {
+        if let Err(e) = std::fs::File::open(path) {
+            self.bad(key, format!("cannot read {}: {e}", path.display()));
+        }
+    }
+}
+
+impl Config {
+    /// Checks every key and derives [`Settings`]. Returns all problems found.
+    pub fn validate(self, base_dir: &Path) -> Result<Settings, Vec<ConfigProblem>> {
+        let mut c = Checker {
+            problems: Vec::new(),
+        };
+        let s = &self.server;
+        let listen = c.socket_addr("server.listen", &s.listen);
+        let http_listen = c.optional_socket_addr("server.http_listen", &s.http_listen);
+        if s.max_connections == 0 {
+            c.bad("server.max_connections", "must be greater than 0");
+        }
+        c.positive("server.header_read_timeout_ms", s.header_read_timeout_ms);
+        c.positive("server.idle_timeout_ms", s.idle_timeout_ms);
+        c.positive("server.shutdown_grace_ms", s.shutdown_grace_ms);
+        if s.max_header_bytes < 1024 || s.max_header_bytes > 1024 * 1024 {
+            c.bad("server.max_header_bytes", "must be between 1024 and 1048576");
+        }
+        if s.workers > 1024 {
+            c.bad("server.workers", "must be between 0 (one per CPU) and 1024");
+        }
+        let mut trusted_proxies = Vec::new();
+        for (i, cidr) in s.trusted_proxies.iter().enumerate() {
+            match parse_cidr(cidr) {
+                Some(net) => trusted_proxies.push(net),
+                None => c.bad(
+                    &format!("server.trusted_proxies[{i}]"),
+                    format!("invalid CIDR or IP address {cidr:?}"),
+                ),
+            }
+        }
+        if s.proxy_protocol == ProxyProtocol::On && trusted_proxies.is_empty() {
+            c.bad(
+                "server.proxy_protocol",
+                "\"on\" needs server.trusted_proxies: a PROXY header is only believed from a trusted peer",
+            );
+        }
+
+        let resolve = |p: &Path| -> PathBuf {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base_dir.join(p)
+            }
+        };
+        let tls_cert = resolve(&self.tls.cert);
+        let tls_key = resolve(&self.tls.key);
+        if !self.tls.self_signed {
+            c.readable_file("tls.cert", &tls_cert);
+            c.readable_file("tls.key", &tls_key);
+        }
+
+        let upstream = match self.upstream.url.parse::<http::Uri>() {
+            Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => {
+                if u.path() != "/" && !u.path().is_empty() || u.query().is_some() {
+                    c.bad(
+                        "upstream.url",
+                        format!("must be an origin without path or query, e.g. \"http://127.0.0.1:3000\" (got {:?})", self.upstream.url),
+                    );
+                }
+                Some(u)
+            }
+            Ok(_) => {
+                c.bad(
+                    "upstream.url",
+                    format!(
+                        "must be a plain http:// origin such as \"http://127.0.0.1:3000\" (got {:?}); the app is reached over the pod or host network",
+                        self.upstream.url
+                    ),
+                );
+                None
+            }
+            Err(e) => {
+                c.bad("upstream.url", format!("invalid URL {:?}: {e}", self.upstream.url));
+                None
+            }
+        };
+        c.positive("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms);
+        c.positive("upstream.response_timeout_ms", self.upstream.response_timeout_ms);
+
+        let admin_listen = c.optional_socket_addr("admin.listen", &self.admin.listen);
+
+        let cdp_api_base = c.url("cdp.api_base", &self.cdp.api_base, true);
+        let cdp_key_file = if self.cdp.key_file.is_empty() {
+            None
+        } else {
+            let p = resolve(Path::new(&self.cdp.key_file));
+            c.readable_file("cdp.key_file", &p);
+            Some(p)
+        };
+        c.positive("cdp.timeout_ms", self.cdp.timeout_ms);
+        let substitute_private_client_ip = if self.cdp.substitute_private_client_ip.is_empty() {
+            None
+        } else {
+            match self.cdp.substitute_private_client_ip.parse::<IpAddr>() {
+                Ok(ip) => Some(ip),
+                Err(_) => {
+                    c.bad(
+                        "cdp.substitute_private_client_ip",
+                        format!("not an IP address: {:?}", self.cdp.substitute_private_client_ip),
+                    );
+                    None
+                }
+            }
+        };
+
+        c.route_path("onramp.path", &self.onramp.path);
+        let onramp_url = c.url("onramp.url", &self.onramp.url, true);
+        if self.onramp.blockchains.is_empty() {
+            c.bad("onramp.blockchains", "must list at least one blockchain");
+        }
+        for (i, b) in self.onramp.blockchains.iter().enumerate() {
+            if b.is_empty() || !b.bytes().all(|ch| ch.is_ascii_alphanumeric() || ch == b'-' || ch == b'_') {
+                c.bad(&format!("onramp.blockchains[{i}]"), format!("invalid blockchain name {b:?}"));
+            }
+        }
+        for (i, a) in self.onramp.assets.iter().enumerate() {
+            if a.is_empty() || a.len() > 64 || !a.bytes().all(|ch| ch.is_ascii_alphanumeric() || ch == b'-') {
+                c.bad(&format!("onramp.assets[{i}]"), format!("invalid asset {a:?}"));
+            }
+        }
+
+        c.route_path("offramp.path", &self.offramp.path);
+        if self.offramp.path == self.onramp.path {
+            c.bad("offramp.path", "must differ from onramp.path");
+        }
+        let offramp_url = c.url("offramp.url", &self.offramp.url, true);
+        // TODO(lead): parse offramp.redirect_url_allowlist with onramp::request::RedirectRule
+
+        c.route_path("addresses.context_path", &self.addresses.context_path);
+
+        let rl = &self.rate_limit;
+        if rl.requests_per_minute == 0 {
+            c.bad("rate_limit.requests_per_minute", "must be greater than 0");
+        }
+        if rl.burst == 0 {
+            c.bad("rate_limit.burst", "must be greater than 0");
+        }
+        if rl.ipv6_prefix == 0 || rl.ipv6_prefix > 128 {
+            c.bad("rate_limit.ipv6_prefix", "must be between 1 and 128");
+        }
+        if rl.backend == LimiterBackend::Redis {
+            match url::Url::parse(&rl.redis_url) {
+                Ok(u) if matches!(u.scheme(), "redis" | "rediss" | "unix" | "redis+unix") => {}
+                _ => c.bad(
+                    "rate_limit.redis_url",
+                    format!("invalid Redis URL {:?} (expected redis://host:port/db)", redact_url(&rl.redis_url)),
+                ),
+            }
+        }
+
+        for (i, origin) in self.cors.allowed_origins.iter().enumerate() {
+            if let Err(e) = check_origin(origin) {
+                c.bad(&format!("cors.allowed_origins[{i}]"), e);
+            }
+        }
+
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            c.bad("log.level", format!("invalid level or filter {:?}", self.log.level));
+        }
+
+        if !c.problems.is_empty() {
+            return Err(c.problems);
+        }
+        // Every Option below is Some when no problem was recorded; the fallbacks are
+        // unreachable but keep this free of unwrap().
+        let (Some(listen), Some(upstream), Some(cdp_api_base), Some(onramp_url), Some(offramp_url)) =
+            (listen, upstream, cdp_api_base, onramp_url, offramp_url)
+        else {
+            return Err(vec![ConfigProblem {
+                key: String::new(),
+                message: "internal error: validation incomplete".into(),
+            }]);
+        };
+        Ok(Settings {
+            base_dir: base_dir.to_path_buf(),
+            listen,
+            http_listen,
+            admin_listen,
+            trusted_proxies,
+            upstream,
+            cdp_api_base,
+            cdp_key_file,
+            substitute_private_client_ip,
+            onramp_url,
+            offramp_url,
+            tls_cert,
+            tls_key,
+            config: self,
+        })
+    }
+}
+
+/// `10.0.0.0/8`, `2001:db8::/32`, or a bare address (a /32 or /128).
+fn parse_cidr(s: &str) -> Option<IpNet> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+        .map(|n| n.trunc())
+}
+
+/// A CORS origin must be exactly `scheme://host[:port]`: the browser's `Origin` header
+/// is compared to it byte for byte, so anything else could never match.
+fn check_origin(origin: &str) -> Result<(), String> {
+    if origin == "*" || origin.contains('*') {
+        return Err("wildcards are not allowed: list each approved origin (Coinbase forbids \"*\")".into());
+    }
+    let u = url::Url::parse(origin).map_err(|e| format!("invalid origin {origin:?}: {e}"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+        return Err(format!("origin must be http(s)://host[:port], got {origin:?}"));
+    }
+    if u.ascii_serialization_origin() != origin {
+        return Err(format!(
+            "origin must be exactly scheme://host[:port] with no path or trailing slash, e.g. {:?} (got {origin:?})",
+            u.ascii_serialization_origin()
+        ));
+    }
+    Ok(())
+}
+
+/// Never echo a Redis password back in an error message.
+fn redact_url(s: &str) -> String {
+    match url::Url::parse(s) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("REDACTED"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "<unparsable>".into(),
+    }
+}
+
+trait OriginExt {
+    fn ascii_serialization_origin(&self) -> String;
+}
+
+impl OriginExt for url::Url {
+    fn ascii_serialization_origin(&self) -> String {
+        self.origin().ascii_serialization()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validate(toml_text: &str) -> Result<Settings, Vec<ConfigProblem>> {
+        let config: Config = toml::from_str(toml_text).expect("parses");
+        config.validate(Path::new("."))
+    }
+
+    const MINIMAL: &str = "[tls]\nself_signed = true\n";
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let s = validate(MINIMAL).expect("valid");
+        assert_eq!(s.listen, "0.0.0.0:8443".parse().unwrap());
+        assert_eq!(s.admin_listen, Some("127.0.0.1:9901".parse().unwrap()));
+        assert_eq!(s.config.server.max_connections, 10_000);
+        assert_eq!(s.config.rate_limit.requests_per_minute, 10);
+        assert_eq!(s.config.rate_limit.burst, 5);
+        assert_eq!(s.config.onramp.path, "/onramp");
+        assert_eq!(s.config.log.format, LogFormat::Json);
+        assert_eq!(s.upstream, "http://127.0.0.1:3000");
+    }
+
+    #[test]
+    fn unknown_key_is_refused_by_name() {
+        let err = toml::from_str::<Config>("[server]\nlistn = \"1\"\n").unwrap_err();
+        assert!(err.message().contains("listn"), "{}", err.message());
+    }
+
+    #[test]
+    fn all_problems_are_reported_with_their_keys() {
+        let problems = validate(
+            "[server]\nlisten = \"nope\"\nidle_timeout_ms = 0\ntrusted_proxies = [\"10.0.0.0/33\"]\n\
+             [tls]\nself_signed = true\n[onramp]\npath = \"onramp\"\n[cors]\nallowed_origins = [\"*\"]\n",
+        )
+        .unwrap_err();
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "server.listen",
+            "server.idle_timeout_ms",
+            "server.trusted_proxies[0]",
+            "onramp.path",
+            "cors.allowed_origins[0]",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn missing_cert_file_is_named() {
+        let problems = validate("[tls]\ncert = \"/nonexistent/tls.crt\"\nkey = \"/nonexistent/tls.key\"\n").unwrap_err();
+        assert!(problems
+            .iter()
+            .any(|p| p.key == "tls.cert" && p.message.contains("/nonexistent/tls.crt")));
+    }
+
+    #[test]
+    fn upstream_must_be_a_plain_http_origin() {
+        for bad in ["https://app:443", "http://app:3000/prefix", "not a url", "ftp://x"] {
+            let t = format!("{MINIMAL}[upstream]\nurl = \"{bad}\"\n");
+            let problems = validate(&t).unwrap_err();
+            assert!(problems.iter().any(|p| p.key == "upstream.url"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cidrs_and_bare_addresses_are_accepted() {
+        let s = validate(&format!(
+            "{MINIMAL}[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.168.1.7\", \"2001:db8::/32\"]\n"
+        ))
+        .expect("valid");
+        assert_eq!(s.trusted_proxies.len(), 3);
+        assert!(s.trusted_proxies[1].contains(&"192.168.1.7".parse::<IpAddr>().unwrap()));
+    }
+
+    #[test]
+    fn proxy_protocol_needs_trusted_proxies() {
+        let problems = validate(&format!("{MINIMAL}[server]\nproxy_protocol = \"on\"\n")).unwrap_err();
+        assert_eq!(problems[0].key, "server.proxy_protocol");
+    }
+
+    #[test]
+    fn cors_origins_must_be_exact() {
+        assert!(check_origin("https://app.example.com").is_ok());
+        assert!(check_origin("http://localhost:3000").is_ok());
+        assert!(check_origin("https://app.example.com/").is_err());
+        assert!(check_origin("https://*.example.com").is_err());
+        assert!(check_origin("app.example.com").is_err());
+    }
+
+    #[test]
+    fn redis_password_is_not_echoed() {
+        let problems = validate(&format!(
+            "{MINIMAL}[rate_limit]\nbackend = \"redis\"\nredis_url = \"http://user:hunter2@x\"\n"
+        ))
+        .unwrap_err();
+        let msg = &problems[0].message;
+        assert!(!msg.contains("hunter2"), "{msg}");
+    }
+}

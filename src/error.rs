@@ -1,0 +1,220 @@
+//! Every error a request can end in, and the one place that turns it into a response.
+//!
+//! Layers have their own error types (config, TLS, CDP, rate limiter, validation); by
+//! the time something reaches a client it is a [`GatewayError`], whose status code,
+//! public message and extra headers are decided here and nowhere else. Messages are
+//! written for the person in front of the browser and never carry secrets, JWTs or
+//! upstream internals; details go to the log.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderMap, Response, StatusCode};
+
+use crate::body::{full, ResponseBody};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("the upstream application is unreachable")]
+    UpstreamUnavailable,
+    #[error("the upstream application did not answer in time")]
+    UpstreamTimeout,
+    #[error("request header fields too large")]
+    HeadersTooLarge,
+    #[error("request body too large")]
+    PayloadTooLarge,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("unsupported content type: use application/x-www-form-urlencoded or application/json")]
+    UnsupportedMediaType,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("origin not allowed")]
+    OriginNotAllowed,
+    #[error("too many requests")]
+    RateLimited {
+        retry_after: Duration,
+        headers: Vec<(HeaderName, HeaderValue)>,
+    },
+    #[error("rate limiter unavailable")]
+    LimiterUnavailable,
+    #[error("token minting not configured: no CDP API key (set CDP_API_KEY_ID and CDP_API_KEY_SECRET or [cdp] key_file)")]
+    MintingNotConfigured,
+    #[error("the Coinbase API is unavailable")]
+    CdpUnavailable,
+    #[error("the Coinbase API did not answer in time")]
+    CdpTimeout,
+    #[error("the Coinbase API is rate limiting this application, try again shortly")]
+    CdpRateLimited { retry_after: Duration },
+    #[error("the Coinbase API refused the request")]
+    CdpRejected,
+    #[error("the application's onramp context could not be read")]
+    ContextUnavailable,
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        use GatewayError::*;
+        match self {
+            UpstreamUnavailable | CdpUnavailable | CdpRejected | ContextUnavailable => StatusCode::BAD_GATEWAY,
+            UpstreamTimeout | CdpTimeout => StatusCode::GATEWAY_TIMEOUT,
+            HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            BadRequest(_) => StatusCode::BAD_REQUEST,
+            OriginNotAllowed => StatusCode::FORBIDDEN,
+            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            LimiterUnavailable | MintingNotConfigured | CdpRateLimited { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// A short stable identifier, used in problem+json `type` and in logs.
+    pub fn kind(&self) -> &'static str {
+        use GatewayError::*;
+        match self {
+            UpstreamUnavailable => "upstream-unavailable",
+            UpstreamTimeout => "upstream-timeout",
+            HeadersTooLarge => "headers-too-large",
+            PayloadTooLarge => "payload-too-large",
+            MethodNotAllowed => "method-not-allowed",
+            UnsupportedMediaType => "unsupported-media-type",
+            BadRequest(_) => "invalid-request",
+            OriginNotAllowed => "origin-not-allowed",
+            RateLimited { .. } => "rate-limited",
+            LimiterUnavailable => "rate-limiter-unavailable",
+            MintingNotConfigured => "minting-not-configured",
+            CdpUnavailable => "cdp-unavailable",
+            CdpTimeout => "cdp-timeout",
+            CdpRateLimited { .. } => "cdp-rate-limited",
+            CdpRejected => "cdp-rejected",
+            ContextUnavailable => "context-unavailable",
+        }
+    }
+
+    fn extra_headers(&self) -> Vec<(HeaderName, HeaderValue)> {
+        match self {
+            GatewayError::RateLimited { headers, .. } => headers.clone(),
+            GatewayError::CdpRateLimited { retry_after } => {
+                vec![(http::header::RETRY_AFTER, retry_after_value(*retry_after))]
+            }
+            GatewayError::MethodNotAllowed => vec![(http::header::ALLOW, HeaderValue::from_static("GET, POST, OPTIONS"))],
+            _ => Vec::new(),
+        }
+    }
+
+    /// Renders the error for a client that sent `request_headers`.
+    pub fn into_response(self, request_headers: &HeaderMap) -> Response<ResponseBody> {
+        let status = self.status();
+        let detail = self.to_string();
+        let (content_type, body) = if wants_json(request_headers) {
+            let problem = serde_json::json!({
+                "type": format!("urn:onramp-gateway:error:{}", self.kind()),
+                "title": status.canonical_reason().unwrap_or("Error"),
+                "status": status.as_u16(),
+                "detail": detail,
+            });
+            ("application/problem+json", Bytes::from(problem.to_string()))
+        } else {
+            ("text/html; charset=utf-8", Bytes::from(html_page(status, &detail)))
+        };
+        let mut response = Response::new(full(body));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(
+            HeaderName::from_static("x-content-type-options"),
+            HeaderValue::from_static("nosniff"),
+        );
+        for (name, value) in self.extra_headers() {
+            headers.append(name, value);
+        }
+        response
+    }
+}
+
+/// `Retry-After` in whole seconds, rounded up and never 0 (a 0 invites an immediate retry).
+pub fn retry_after_value(d: Duration) -> HeaderValue {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    HeaderValue::from(secs.max(1))
+}
+
+/// True when the client prefers a machine-readable error (fetch/XHR from a SPA).
+pub fn wants_json(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let media = item.split(';').next().unwrap_or("").trim();
+            media.eq_ignore_ascii_case("application/json") || media.eq_ignore_ascii_case("application/problem+json")
+        })
+}
+
+fn html_page(status: StatusCode, detail: &str) -> String {
+    let title = format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or("Error"));
+    format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{t}</title></head>\
+         <body><h1>{t}</h1><p>{d}</p></body></html>\n",
+        t = escape_html(&title),
+        d = escape_html(detail)
+    )
+}
+
+/// Messages can contain a client-supplied field name; never reflect markup.
+fn escape_html(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        match ch {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn accept(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(http::header::ACCEPT, HeaderValue::from_str(v).unwrap());
+        h
+    }
+
+    #[tokio::test]
+    async fn problem_json_when_accepted() {
+        let r = GatewayError::UpstreamTimeout.into_response(&accept("text/html;q=0.5, application/json"));
+        assert_eq!(r.status(), 504);
+        assert_eq!(r.headers()[CONTENT_TYPE], "application/problem+json");
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["status"], 504);
+        assert_eq!(v["type"], "urn:onramp-gateway:error:upstream-timeout");
+    }
+
+    #[tokio::test]
+    async fn html_escapes_detail() {
+        let r = GatewayError::BadRequest("address: <script>".into()).into_response(&HeaderMap::new());
+        assert_eq!(r.status(), 400);
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(text.contains("&lt;script&gt;") && !text.contains("<script>"));
+    }
+
+    #[test]
+    fn retry_after_rounds_up_and_is_never_zero() {
+        assert_eq!(retry_after_value(Duration::from_millis(0)), "1");
+        assert_eq!(retry_after_value(Duration::from_millis(5200)), "6");
+        assert_eq!(retry_after_value(Duration::from_secs(6)), "6");
+    }
+}

@@ -1,0 +1,33 @@
+//! onramp-gateway: a TLS sidecar that mints Coinbase Onramp/Offramp session tokens
+//! and reverse-proxies everything else to the app it sits in front of.
+//!
+//! Module map (one job each):
+//! - [`config`]: `config.toml` into typed, validated settings.
+//! - [`tls`]: certificates and the rustls server config (reloadable).
+//! - [`listener`]: accept loop, connection limits, timeouts, per-connection HTTP.
+//! - [`client_ip`]: the client IP decision (socket peer; trusted proxies).
+//! - [`routes`]: routing, access log, request metrics.
+//! - [`proxy`]: forwarding to the upstream app.
+//! - [`mint`]: the onramp/offramp routes; [`onramp`] parses and validates their input.
+//! - [`cdp`]: CDP API key, JWT, token client. [`ratelimit`]: per-IP limits.
+//! - [`admin`], [`metrics`]: health, readiness and Prometheus metrics.
+//! - [`error`]: every client-facing error and its response, in one place.
+//! - [`server`]: start-up and graceful shutdown.
+
+pub mod admin;
+pub mod body;
+pub mod cli_mint;
+pub mod cdp;
+pub mod client_ip;
+pub mod config;
+pub mod error;
+pub mod listener;
+pub mod logging;
+pub mod metrics;
+pub mod mint;
+pub mod onramp;
+pub mod proxy;
+pub mod ratelimit;
+pub mod routes;
+pub mod server;
+pub mod tls;

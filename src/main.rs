@@ -1,0 +1,174 @@
+//! `onramp-gateway` command line: run (default), `check`, `mint`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use onramp_gateway::cdp::key::CdpKey;
+use onramp_gateway::config::{self, Settings};
+use onramp_gateway::server::{self, Prepared};
+use onramp_gateway::tls::{self, CertSource, CertStore};
+use onramp_gateway::{cli_mint, logging};
+
+#[derive(Parser, Debug)]
+#[command(name = "onramp-gateway", version, about = "TLS sidecar that mints Coinbase Onramp/Offramp session tokens and proxies everything else to your app")]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, env = "ONRAMP_GATEWAY_CONFIG", default_value = "config.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate the configuration, certificates and CDP key; print a summary.
+    Check,
+    /// Mint one session token with the configured key and print the Coinbase URL.
+    Mint(cli_mint::MintArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tls::install_default_provider();
+    let settings = match config::load(&cli.config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match cli.command {
+        None => run(settings),
+        Some(Command::Check) => check(settings),
+        Some(Command::Mint(args)) => match prepare(settings) {
+            Ok(prepared) => cli_mint::run(prepared, args),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+/// Loads what the config points at (certificate, CDP key), without binding anything.
+fn prepare(settings: Settings) -> Result<Prepared, String> {
+    let source = if settings.config.tls.self_signed {
+        CertSource::SelfSigned
+    } else {
+        CertSource::Files {
+            cert: settings.tls_cert.clone(),
+            key: settings.tls_key.clone(),
+        }
+    };
+    let certs = CertStore::load(source).map_err(|e| e.to_string())?;
+    let cdp_key = match &settings.cdp_key_file {
+        Some(path) => Some(CdpKey::from_key_file(path).map_err(|e| format!("cdp.key_file: {e}"))?),
+        None => CdpKey::from_env().map_err(|e| e.to_string())?,
+    };
+    Ok(Prepared {
+        settings: Arc::new(settings),
+        certs,
+        cdp_key,
+    })
+}
+
+fn run(settings: Settings) -> ExitCode {
+    let _log_guard = logging::init(&settings.config.log);
+    let workers = settings.config.server.workers;
+    let prepared = match prepare(settings) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "start-up failed");
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if prepared.settings.config.tls.self_signed {
+        tracing::warn!(
+            "tls.self_signed = true: serving an in-memory self-signed certificate for localhost. \
+             DEVELOPMENT ONLY: browsers will warn and clients cannot verify this gateway"
+        );
+    }
+    // One worker: a current-thread runtime (no work-stealing overhead), which is what
+    // a sidecar pinned to one CPU wants. Otherwise a multi-thread runtime.
+    let runtime = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if workers > 1 {
+            b.worker_threads(workers);
+        }
+        b.enable_all().build()
+    };
+    let runtime = match runtime {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(server::run(prepared)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "gateway failed");
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn check(settings: Settings) -> ExitCode {
+    let summary = summary_lines(&settings);
+    match prepare(settings) {
+        Ok(prepared) => {
+            for line in summary {
+                println!("{line}");
+            }
+            match &prepared.cdp_key {
+                Some(key) => println!("cdp key:        {} ({})", key.id(), key.algorithm().as_str()),
+                None => println!("cdp key:        none (onramp/offramp will answer 503; /readyz not ready)"),
+            }
+            let cert = prepared.certs.current();
+            println!("tls chain:      {} certificate(s)", cert.cert.len());
+            println!("ok");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn summary_lines(s: &Settings) -> Vec<String> {
+    let c = &s.config;
+    vec![
+        format!("config:         {}", s.base_dir.display()),
+        format!("listen:         https://{}", s.listen),
+        format!(
+            "http redirect:  {}",
+            s.http_listen.map_or("off".to_string(), |a| format!("http://{a}"))
+        ),
+        format!("admin:          {}", s.admin_listen.map_or("off".to_string(), |a| format!("http://{a}"))),
+        format!(
+            "tls:            {}",
+            if c.tls.self_signed {
+                "self-signed (development only)".to_string()
+            } else {
+                format!("{} + {}", s.tls_cert.display(), s.tls_key.display())
+            }
+        ),
+        format!("upstream:       {}", s.upstream),
+        format!("cdp api:        {}", s.cdp_api_base),
+        format!("onramp:         {} -> {}", c.onramp.path, s.onramp_url),
+        format!("offramp:        {} -> {}", c.offramp.path, s.offramp_url),
+        format!(
+            "rate limit:     {}/min, burst {}, backend {:?}",
+            c.rate_limit.requests_per_minute, c.rate_limit.burst, c.rate_limit.backend
+        ),
+        format!("trusted proxies: {}", s.trusted_proxies.len()),
+    ]
+}

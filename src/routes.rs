@@ -1,0 +1,112 @@
+//! Request routing: the gateway's own routes (`onramp.path`, `offramp.path`) and
+//! everything else to the proxy. Also the per-request access log and request metrics,
+//! so every response, whoever produced it, is counted and logged once.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::body::{self, ResponseBody};
+use crate::client_ip::{ClientIp, ClientIpPolicy, ConnInfo};
+use crate::config::Settings;
+use crate::error::GatewayError;
+use crate::listener::Handler;
+use crate::metrics::{Metrics, Route};
+use crate::mint::Minter;
+use crate::proxy::Proxy;
+
+pub struct App {
+    metrics: Arc<Metrics>,
+    proxy: Proxy,
+    ip_policy: ClientIpPolicy,
+    minter: Option<Minter>,
+    onramp_path: String,
+    offramp_path: String,
+    max_header_bytes: usize,
+}
+
+impl App {
+    pub fn new(settings: &Settings, metrics: Arc<Metrics>, proxy: Proxy, minter: Option<Minter>) -> Self {
+        Self {
+            metrics,
+            proxy,
+            ip_policy: ClientIpPolicy::new(settings.trusted_proxies.clone()),
+            minter,
+            onramp_path: settings.config.onramp.path.clone(),
+            offramp_path: settings.config.offramp.path.clone(),
+            max_header_bytes: settings.config.server.max_header_bytes,
+        }
+    }
+
+    fn route_of(&self, path: &str) -> Route {
+        if path == self.onramp_path {
+            Route::onramp
+        } else if path == self.offramp_path {
+            Route::offramp
+        } else {
+            Route::proxy
+        }
+    }
+
+    async fn dispatch(&self, req: Request<Incoming>, route: Route, client: ClientIp, conn: &ConnInfo) -> Response<ResponseBody> {
+        if header_bytes(&req) > self.max_header_bytes {
+            return GatewayError::HeadersTooLarge.into_response(req.headers());
+        }
+        match route {
+            Route::proxy => {
+                let request_headers = req.headers().clone();
+                match self.proxy.forward(req, client, conn.peer.ip()).await {
+                    Ok(forwarded) => {
+                        self.metrics
+                            .upstream_request_duration
+                            .observe(forwarded.upstream_time.as_secs_f64());
+                        forwarded.response.map(body::streamed)
+                    }
+                    Err(e) => e.into_response(&request_headers),
+                }
+            }
+            Route::onramp | Route::offramp => match &self.minter {
+                Some(minter) => minter.handle(req, route, client).await,
+                None => {
+                    self.metrics.count_mint(route, GatewayError::MintingNotConfigured.kind());
+                    GatewayError::MintingNotConfigured.into_response(req.headers())
+                }
+            },
+        }
+    }
+}
+
+impl Handler for App {
+    async fn handle(&self, req: Request<Incoming>, conn: Arc<ConnInfo>) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let uri = req.uri().clone();
+        let client = self.ip_policy.resolve(&conn, req.headers());
+        let route = self.route_of(uri.path());
+        let response = self.dispatch(req, route, client, &conn).await;
+        let status = response.status().as_u16();
+        self.metrics.count_request(route, status);
+        tracing::info!(
+            target: "access",
+            method = %method,
+            path = uri.path(),
+            status,
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            client_ip = %client.ip,
+            route = route.as_str(),
+            "request"
+        );
+        response
+    }
+}
+
+/// Size of the request head as the client sent it (HTTP/1.1 wire form): the limit
+/// `max_header_bytes` applies to exactly this, for HTTP/1.1 and HTTP/2 alike.
+fn header_bytes<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().path_and_query().map_or(1, |p| p.as_str().len()) + 12;
+    req.headers()
+        .iter()
+        .fold(line, |acc, (name, value)| acc + name.as_str().len() + value.len() + 4)
+}

@@ -1,0 +1,323 @@
+//! Start-up and lifecycle: bind the listeners, serve, and shut down the way
+//! Kubernetes expects (readiness off at once, keep accepting for
+//! `shutdown_delay_ms`, then drain within `shutdown_grace_ms`, exit 0).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, HOST, LOCATION};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{Admin, Readiness};
+use crate::body::{full, ResponseBody};
+use crate::cdp::key::CdpKey;
+use crate::client_ip::ConnInfo;
+use crate::config::Settings;
+use crate::listener::{accept_loop, http_builder, serve_http, Handler, HttpSettings};
+use crate::metrics::{ConnectionGuard, Metrics};
+use crate::proxy::Proxy;
+use crate::routes::App;
+use crate::tls::{self, CertStore, TlsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("{key}: cannot listen on {addr}: {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Everything loaded and checked before any socket is bound.
+pub struct Prepared {
+    pub settings: Arc<Settings>,
+    pub certs: Arc<CertStore>,
+    pub cdp_key: Option<CdpKey>,
+}
+
+pub async fn run(prepared: Prepared) -> Result<(), StartError> {
+    let Prepared {
+        settings,
+        certs,
+        cdp_key,
+    } = prepared;
+    let metrics = Arc::new(Metrics::new());
+    let connections = TaskTracker::new();
+    let stop_accepting = CancellationToken::new();
+    let drain = CancellationToken::new();
+
+    let readiness = Arc::new(Readiness::new(cdp_key.is_some(), Vec::new()));
+    if cdp_key.is_none() {
+        tracing::warn!(
+            "no CDP API key configured (CDP_API_KEY_ID/CDP_API_KEY_SECRET or [cdp] key_file): \
+             onramp/offramp answer 503 and /readyz reports not ready; proxying works"
+        );
+    }
+
+    let proxy = Proxy::new(
+        &settings.upstream,
+        settings.upstream_connect_timeout(),
+        settings.upstream_response_timeout(),
+        connections.clone(),
+    );
+    let app = Arc::new(App::new(&settings, metrics.clone(), proxy, None));
+
+    // Bind everything first: a port in use fails start-up before anything is served.
+    let https = bind("server.listen", settings.listen).await?;
+    let http = match settings.http_listen {
+        Some(addr) => Some(bind("server.http_listen", addr).await?),
+        None => None,
+    };
+    let admin = match settings.admin_listen {
+        Some(addr) => Some(bind("admin.listen", addr).await?),
+        None => None,
+    };
+    let https_addr = local_addr(&https, settings.listen);
+    tracing::info!(listener = "https", addr = %https_addr, "listening");
+    if let Some(l) = &http {
+        tracing::info!(listener = "http", addr = %local_addr(l, settings.listen), "listening");
+    }
+    if let Some(l) = &admin {
+        tracing::info!(listener = "admin", addr = %local_addr(l, settings.listen), "listening");
+    }
+
+    let http_settings = HttpSettings {
+        header_read_timeout: settings.header_read_timeout(),
+        idle_timeout: settings.idle_timeout(),
+        max_header_bytes: settings.config.server.max_header_bytes,
+    };
+    let builder = Arc::new(http_builder(&http_settings));
+    let limit = Arc::new(Semaphore::new(settings.config.server.max_connections));
+    let acceptor = TlsAcceptor::from(tls::server_config(certs.clone())?);
+
+    let accepting = TaskTracker::new();
+    {
+        let (builder, app, metrics, drain) = (builder.clone(), app.clone(), metrics.clone(), drain.clone());
+        let handshake_timeout = settings.header_read_timeout();
+        let idle = settings.idle_timeout();
+        accepting.spawn(accept_loop(
+            https,
+            limit.clone(),
+            stop_accepting.clone(),
+            connections.clone(),
+            move |stream, peer, permit| {
+                let (builder, app, metrics, drain, acceptor) =
+                    (builder.clone(), app.clone(), metrics.clone(), drain.clone(), acceptor.clone());
+                async move {
+                    let _permit = permit;
+                    let _counted = ConnectionGuard::new(&metrics);
+                    let conn = Arc::new(ConnInfo::new(peer, stream.local_addr().unwrap_or(https_addr)));
+                    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            let reason = handshake_failure_reason(&e);
+                            metrics.count_handshake_failure(reason);
+                            tracing::debug!(peer = %conn.peer, reason, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            metrics.count_handshake_failure("timeout");
+                            tracing::debug!(peer = %conn.peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    serve_http(tls, conn, builder, app, idle, drain).await;
+                }
+            },
+        ));
+    }
+    if let Some(listener) = http {
+        let redirect = Arc::new(RedirectToHttps {
+            https_port: https_addr.port(),
+        });
+        let (builder, metrics, drain) = (builder.clone(), metrics.clone(), drain.clone());
+        let idle = settings.idle_timeout();
+        accepting.spawn(accept_loop(
+            listener,
+            limit.clone(),
+            stop_accepting.clone(),
+            connections.clone(),
+            move |stream, peer, permit| {
+                let (builder, redirect, metrics, drain) =
+                    (builder.clone(), redirect.clone(), metrics.clone(), drain.clone());
+                async move {
+                    let _permit = permit;
+                    let _counted = ConnectionGuard::new(&metrics);
+                    let local = stream.local_addr().unwrap_or(peer);
+                    let conn = Arc::new(ConnInfo::new(peer, local));
+                    serve_http(stream, conn, builder, redirect, idle, drain).await;
+                }
+            },
+        ));
+    }
+    // The admin listener lives until the very end so /readyz can report the drain.
+    let admin_stop = CancellationToken::new();
+    let admin_tasks = TaskTracker::new();
+    if let Some(listener) = admin {
+        let handler = Arc::new(Admin {
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
+        });
+        let admin_builder = Arc::new(http_builder(&http_settings));
+        let (stop, tasks) = (admin_stop.clone(), admin_tasks.clone());
+        let idle = settings.idle_timeout();
+        admin_tasks.spawn(accept_loop(
+            listener,
+            Arc::new(Semaphore::new(64)),
+            admin_stop.clone(),
+            admin_tasks.clone(),
+            move |stream, peer, permit| {
+                let (builder, handler, stop) = (admin_builder.clone(), handler.clone(), stop.clone());
+                let _ = &tasks;
+                async move {
+                    let _permit = permit;
+                    let local = stream.local_addr().unwrap_or(peer);
+                    serve_http(stream, Arc::new(ConnInfo::new(peer, local)), builder, handler, idle, stop).await;
+                }
+            },
+        ));
+    }
+
+    readiness.set_listeners_bound();
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "ready");
+
+    wait_for_shutdown_signal(&certs).await?;
+    readiness.set_shutting_down();
+    let delay = settings.shutdown_delay();
+    tracing::info!(
+        delay_ms = delay.as_millis() as u64,
+        grace_ms = settings.shutdown_grace().as_millis() as u64,
+        "shutdown requested: readiness is now false"
+    );
+    tokio::time::sleep(delay).await;
+
+    stop_accepting.cancel();
+    accepting.close();
+    accepting.wait().await;
+    tracing::info!("stopped accepting; draining in-flight requests");
+    drain.cancel();
+    connections.close();
+    if tokio::time::timeout(settings.shutdown_grace(), connections.wait()).await.is_err() {
+        tracing::warn!(
+            open = connections.len(),
+            "shutdown grace period over; closing the remaining connections"
+        );
+    }
+    admin_stop.cancel();
+    admin_tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(1), admin_tasks.wait()).await;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { key, addr, source })
+}
+
+fn local_addr(l: &TcpListener, fallback: SocketAddr) -> SocketAddr {
+    l.local_addr().unwrap_or(fallback)
+}
+
+/// Waits for SIGTERM or SIGINT. SIGHUP in the meantime reloads the certificate.
+async fn wait_for_shutdown_signal(certs: &CertStore) -> Result<(), StartError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signals)?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!(signal = "SIGTERM", "signal received"); return Ok(()); }
+            _ = int.recv() => { tracing::info!(signal = "SIGINT", "signal received"); return Ok(()); }
+            _ = hup.recv() => match certs.reload() {
+                Ok(()) => tracing::info!("SIGHUP: certificate reloaded"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: certificate reload failed; keeping the current one"),
+            },
+        }
+    }
+}
+
+/// A short label for the TLS handshake failure metric.
+fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
+    if let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        return match tls {
+            rustls::Error::InvalidMessage(_) => "invalid_message",
+            rustls::Error::InappropriateMessage { .. } | rustls::Error::InappropriateHandshakeMessage { .. } => {
+                "unexpected_message"
+            }
+            rustls::Error::NoApplicationProtocol => "no_alpn_match",
+            rustls::Error::PeerIncompatible(_) => "incompatible",
+            rustls::Error::AlertReceived(_) => "alert_received",
+            rustls::Error::PeerMisbehaved(_) => "peer_misbehaved",
+            _ => "other",
+        };
+    }
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => "eof",
+        std::io::ErrorKind::ConnectionReset => "reset",
+        _ => "io",
+    }
+}
+
+/// The optional plain-HTTP listener: every request gets a 308 to the same host and
+/// path on the HTTPS listener. The host is the one the client asked for (only a
+/// syntactically valid host is echoed, so the redirect cannot be pointed elsewhere
+/// with a crafted header).
+struct RedirectToHttps {
+    https_port: u16,
+}
+
+impl Handler for RedirectToHttps {
+    async fn handle(&self, req: Request<Incoming>, _conn: Arc<ConnInfo>) -> Response<ResponseBody> {
+        let host = req
+            .headers()
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+            .map(|a| a.host().to_string());
+        let Some(host) = host else {
+            let mut r = Response::new(full("missing or invalid Host header\n"));
+            *r.status_mut() = StatusCode::BAD_REQUEST;
+            return r;
+        };
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        let port = if self.https_port == 443 {
+            String::new()
+        } else {
+            format!(":{}", self.https_port)
+        };
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let location = format!("https://{host}{port}{path}");
+        let mut r = Response::new(full(""));
+        *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
+        match HeaderValue::from_str(&location) {
+            Ok(v) => {
+                r.headers_mut().insert(LOCATION, v);
+            }
+            Err(_) => *r.status_mut() = StatusCode::BAD_REQUEST,
+        }
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        r.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        r
+    }
+}

@@ -1,0 +1,251 @@
+//! TLS termination: certificate loading (PEM; PKCS#8, PKCS#1 and SEC1 keys), the
+//! development self-signed certificate, and the rustls `ServerConfig`.
+//!
+//! The certificate is served through [`CertStore`], a `ResolvesServerCert` whose
+//! current key can be swapped atomically: new handshakes pick up a reloaded
+//! certificate while established connections keep the one they negotiated. A
+//! failed reload never replaces a working certificate.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("tls.cert: cannot read {path}: {source}")]
+    ReadCert {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("tls.key: cannot read {path}: {source}")]
+    ReadKey {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("tls.cert: {path}: no PEM certificate found")]
+    NoCertificate { path: PathBuf },
+    #[error("tls.cert: {path}: invalid PEM: {reason}")]
+    BadCertificate { path: PathBuf, reason: String },
+    #[error("tls.key: {path}: no PEM private key found (expected PKCS#8, PKCS#1 or SEC1)")]
+    NoKey { path: PathBuf },
+    #[error("tls.key: {path}: unusable private key: {reason}")]
+    BadKey { path: PathBuf, reason: String },
+    #[error("tls: the key in {key} does not match the certificate in {cert}")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("tls: cannot generate the self-signed certificate: {0}")]
+    SelfSigned(String),
+    #[error("tls: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// The crypto provider for every TLS context in the process: aws-lc-rs. It is rustls'
+/// default, it is what jsonwebtoken signs with here (one crypto library in the binary's
+/// hot paths), and its AES-GCM/P-256 code is the faster of the two on x86-64 and arm64.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Installs aws-lc-rs as the process default. Needed because two providers are compiled
+/// in (reqwest's dependency tree brings ring's types) and rustls refuses to guess.
+pub fn install_default_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// A certificate + key pair read from PEM files and checked to belong together.
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    let cert_pem = std::fs::read(cert).map_err(|source| TlsError::ReadCert {
+        path: cert.to_path_buf(),
+        source,
+    })?;
+    let key_pem = std::fs::read(key).map_err(|source| TlsError::ReadKey {
+        path: key.to_path_buf(),
+        source,
+    })?;
+    certified_key_from_pem(&cert_pem, &key_pem, cert, key)
+}
+
+fn certified_key_from_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<CertifiedKey, TlsError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::BadCertificate {
+            path: cert_path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: cert_path.to_path_buf(),
+        });
+    }
+    // from_pem_slice takes the first PRIVATE KEY / RSA PRIVATE KEY / EC PRIVATE KEY block.
+    let key_der = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => TlsError::NoKey {
+            path: key_path.to_path_buf(),
+        },
+        other => TlsError::BadKey {
+            path: key_path.to_path_buf(),
+            reason: other.to_string(),
+        },
+    })?;
+    let signing_key = provider()
+        .key_provider
+        .load_private_key(key_der)
+        .map_err(|e| TlsError::BadKey {
+            path: key_path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    match certified.keys_match() {
+        Ok(()) => Ok(certified),
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(certified),
+        Err(rustls::Error::InconsistentKeys(_)) => Err(TlsError::KeyMismatch {
+            cert: cert_path.to_path_buf(),
+            key: key_path.to_path_buf(),
+        }),
+        Err(e) => Err(TlsError::BadCertificate {
+            path: cert_path.to_path_buf(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// An in-memory certificate for `localhost`, `127.0.0.1` and `::1` (development only).
+pub fn self_signed() -> Result<CertifiedKey, TlsError> {
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let generated =
+        rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::SelfSigned(e.to_string()))?;
+    let cert_pem = generated.cert.pem();
+    let key_pem = generated.signing_key.serialize_pem();
+    certified_key_from_pem(
+        cert_pem.as_bytes(),
+        key_pem.as_bytes(),
+        Path::new("<self-signed>"),
+        Path::new("<self-signed>"),
+    )
+}
+
+/// Where the served certificate comes from.
+#[derive(Debug, Clone)]
+pub enum CertSource {
+    Files { cert: PathBuf, key: PathBuf },
+    SelfSigned,
+}
+
+impl CertSource {
+    pub fn load(&self) -> Result<CertifiedKey, TlsError> {
+        match self {
+            CertSource::Files { cert, key } => load_certified_key(cert, key),
+            CertSource::SelfSigned => self_signed(),
+        }
+    }
+}
+
+/// The certificate every new handshake gets; swapped atomically on reload.
+#[derive(Debug)]
+pub struct CertStore {
+    source: CertSource,
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl CertStore {
+    pub fn load(source: CertSource) -> Result<Arc<Self>, TlsError> {
+        let first = source.load()?;
+        Ok(Arc::new(Self {
+            source,
+            current: ArcSwap::from_pointee(first),
+        }))
+    }
+
+    /// Re-reads the files. On error the current certificate stays in use.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let fresh = self.source.load()?;
+        self.current.store(Arc::new(fresh));
+        Ok(())
+    }
+
+    pub fn source(&self) -> &CertSource {
+        &self.source
+    }
+
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.load_full()
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// TLS 1.2 and 1.3 only, ALPN `h2` then `http/1.1`.
+pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(store);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_signed_builds_a_server_config() {
+        let store = CertStore::load(CertSource::SelfSigned).expect("self-signed");
+        let cfg = server_config(store).expect("config");
+        assert_eq!(cfg.alpn_protocols, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+    }
+
+    #[test]
+    fn mismatched_key_is_refused() {
+        let a = rcgen::generate_simple_self_signed(vec!["a".into()]).unwrap();
+        let b = rcgen::generate_simple_self_signed(vec!["b".into()]).unwrap();
+        let err = certified_key_from_pem(
+            a.cert.pem().as_bytes(),
+            b.signing_key.serialize_pem().as_bytes(),
+            Path::new("a.crt"),
+            Path::new("b.key"),
+        )
+        .unwrap_err();
+        assert!(matches!(err, TlsError::KeyMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn garbage_files_are_named() {
+        let err =
+            certified_key_from_pem(b"nothing", b"nothing", Path::new("c.pem"), Path::new("k.pem")).unwrap_err();
+        assert!(err.to_string().contains("c.pem"), "{err}");
+    }
+
+    #[test]
+    fn failed_reload_keeps_the_old_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let g = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        std::fs::write(&cert, g.cert.pem()).unwrap();
+        std::fs::write(&key, g.signing_key.serialize_pem()).unwrap();
+        let store = CertStore::load(CertSource::Files {
+            cert: cert.clone(),
+            key,
+        })
+        .unwrap();
+        let before = store.current();
+        std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nhalf").unwrap();
+        assert!(store.reload().is_err());
+        assert!(Arc::ptr_eq(&before, &store.current()));
+    }
+}

@@ -1,0 +1,7 @@
+//! Shared fixtures for the integration tests.
+#![allow(dead_code)]
+
+pub mod certs;
+pub mod fake_cdp;
+pub mod gateway;
+pub mod upstream;

@@ -1,0 +1,9 @@
+//! Integration tests: the real gateway binary on ephemeral loopback ports, real TLS,
+//! a fake upstream app and a fake CDP API. One test crate so the suite links once.
+
+mod common;
+
+mod jwt_crosscheck;
+mod proxy;
+mod startup;
+mod tls_listener;
