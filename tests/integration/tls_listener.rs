@@ -1,0 +1,358 @@
+//! The HTTPS listener itself: protocol versions, ALPN, key formats, header limits, and
+//! clients that misbehave at the TCP/TLS level (which must not hurt anyone else).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::certs::{insecure_client_config, Alpn, KeyFormat};
+use crate::common::gateway::{field_str, https_client_with, Gateway, GatewayBuilder};
+use crate::common::upstream::Upstream;
+
+async fn start_with(b: impl FnOnce(GatewayBuilder) -> GatewayBuilder) -> (Upstream, Gateway) {
+    let up = Upstream::start().await;
+    let gw = b(GatewayBuilder::new(&up.url())).start().await;
+    (up, gw)
+}
+
+/// Writes `request`, then reads until EOF (or a read error, which is how a TLS peer that
+/// closes without close_notify shows up), within 10 s.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, request: &[u8]) -> String {
+    stream.write_all(request).await.unwrap();
+    stream.flush().await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn get_close(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
+/// The gateway still serves normally (used after abuse).
+async fn assert_still_serving(gw: &Gateway) {
+    let resp = gw
+        .https_client(Alpn::H2AndHttp11)
+        .get(gw.url("/echo"))
+        .send()
+        .await
+        .expect("gateway stopped serving");
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls12_and_tls13_handshakes() {
+    let (_up, gw) = start_with(|b| b).await;
+    for (version, expected) in [
+        (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
+        (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
+    ] {
+        let cfg = gw
+            .config
+            .pki
+            .client_config_versions(Alpn::Http11, &[version]);
+        let mut tls = crate::common::gateway::tls_connect(gw.https_addr, cfg)
+            .await
+            .unwrap_or_else(|e| panic!("{expected:?} handshake failed: {e}"));
+        assert_eq!(tls.get_ref().1.protocol_version(), Some(expected));
+        let resp = exchange(&mut tls, &get_close("/echo")).await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{expected:?}: {resp}");
+    }
+}
+
+/// rustls clients cannot speak TLS 1.1, so this hand-builds a TLS 1.1 ClientHello (no
+/// supported_versions extension, TLS 1.0/1.1-era cipher suites). The server must refuse:
+/// an alert or a closed connection, never a ServerHello.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls11_client_hello_refused() {
+    let (_up, gw) = start_with(|b| b).await;
+    let mut body = vec![0x03, 0x02]; // client_version TLS 1.1
+    body.extend_from_slice(&[0x42; 32]); // random
+    body.push(0); // session_id length
+    body.extend_from_slice(&[0x00, 0x04, 0xc0, 0x13, 0x00, 0x2f]); // ECDHE-RSA-AES128-SHA, AES128-SHA
+    body.extend_from_slice(&[0x01, 0x00]); // compression: null
+    let mut hs = vec![0x01, 0, 0, body.len() as u8];
+    hs.extend_from_slice(&body);
+    let mut record = vec![0x16, 0x03, 0x02, 0, hs.len() as u8];
+    record.extend_from_slice(&hs);
+
+    let mut tcp = TcpStream::connect(gw.https_addr).await.unwrap();
+    let resp = exchange(&mut tcp, &record).await.into_bytes();
+    // A String round-trip is lossy for binary, but the first byte (record type) survives
+    // because 0x15/0x16 are ASCII.
+    assert_ne!(
+        resp.first(),
+        Some(&0x16),
+        "server answered a TLS 1.1 ClientHello with a handshake record: {resp:02x?}"
+    );
+    assert_still_serving(&gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_h2_and_http11_negotiated() {
+    let (_up, gw) = start_with(|b| b).await;
+    let tls = gw.tls_connect(Alpn::H2AndHttp11).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    drop(tls);
+    let tls = gw.tls_connect(Alpn::H2).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    drop(tls);
+    let mut tls = gw.tls_connect(Alpn::Http11).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let resp = exchange(&mut tls, &get_close("/echo")).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    // No ALPN at all: HTTP/1.1.
+    let mut tls = gw.tls_connect(Alpn::None).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), None);
+    let resp = exchange(&mut tls, &get_close("/echo")).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    // And an h2 client really gets HTTP/2 end to end.
+    let resp = gw
+        .https_client(Alpn::H2)
+        .get(gw.url("/echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_header_is_431_http1() {
+    let (up, gw) = start_with(|b| b.section("server", "max_header_bytes = 8192")).await;
+    // Under the limit: fine.
+    let mut tls = gw.tls_connect(Alpn::Http11).await;
+    let req = format!(
+        "GET /echo HTTP/1.1\r\nHost: localhost\r\nX-Fill: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(4000)
+    );
+    let resp = exchange(&mut tls, req.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "4 KB header: {resp}");
+    let seen = up.requests();
+
+    let mut tls = gw.tls_connect(Alpn::Http11).await;
+    let req = format!(
+        "GET /echo HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(16_000)
+    );
+    let resp = exchange(&mut tls, req.as_bytes()).await;
+    assert!(
+        resp.starts_with("HTTP/1.1 431"),
+        "16 KB header with max_header_bytes = 8192: {:?}",
+        &resp[..resp.len().min(200)]
+    );
+    assert_eq!(
+        up.requests(),
+        seen,
+        "oversized request reached the upstream"
+    );
+    assert_still_serving(&gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_header_is_431_http2() {
+    let (up, gw) = start_with(|b| b.section("server", "max_header_bytes = 8192")).await;
+    let client = gw.https_client(Alpn::H2);
+    let resp = client
+        .get(gw.url("/echo"))
+        .header("x-big", "a".repeat(16_000))
+        .send()
+        .await
+        .expect("h2 request with big header");
+    assert_eq!(resp.status(), 431);
+    assert_eq!(up.requests(), 0, "oversized request reached the upstream");
+    assert_still_serving(&gw).await;
+}
+
+/// A client that sends header lines slowly but steadily (each gap shorter than the
+/// timeout) must still be cut off once `header_read_timeout_ms` has passed in total.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_headers_cut_off() {
+    let (up, gw) = start_with(|b| b.section("server", "header_read_timeout_ms = 500")).await;
+    let tls = gw.tls_connect(Alpn::Http11).await;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    wr.write_all(b"GET /echo HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .unwrap();
+    wr.flush().await.unwrap();
+    let start = Instant::now();
+    let trickle = tokio::spawn(async move {
+        for i in 0..60 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let line = format!("X-Slow-{i}: a\r\n");
+            if wr.write_all(line.as_bytes()).await.is_err() || wr.flush().await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let took = start.elapsed();
+    trickle.abort();
+    assert!(
+        closed.is_ok(),
+        "connection still open after 5 s of trickled headers (header_read_timeout_ms = 500)"
+    );
+    let got = String::from_utf8_lossy(&got);
+    // A 408 before closing is polite and allowed; serving the request is not.
+    assert!(!got.contains(" 200 "), "slow request was served: {got}");
+    assert!(
+        took >= Duration::from_millis(300),
+        "closed after {took:?}, before the timeout could have fired: {got}"
+    );
+    assert_eq!(up.requests(), 0);
+    assert_still_serving(&gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_aborted_handshakes_do_not_hurt() {
+    let (_up, gw) = start_with(|b| b).await;
+
+    // Plain HTTP to the TLS port.
+    let mut tcp = TcpStream::connect(gw.https_addr).await.unwrap();
+    let resp = exchange(&mut tcp, &get_close("/echo")).await;
+    assert!(!resp.contains(" 200 "), "plaintext request served: {resp}");
+
+    // Random bytes.
+    let mut tcp = TcpStream::connect(gw.https_addr).await.unwrap();
+    let _ = exchange(&mut tcp, &[0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3, 0xff, 0xfe]).await;
+
+    // Connect and hang up at once.
+    drop(TcpStream::connect(gw.https_addr).await.unwrap());
+
+    // A real ClientHello cut in half, then hang up.
+    let cfg = gw.client_config(Alpn::H2AndHttp11);
+    let hello = client_hello_bytes(cfg.clone());
+    let mut tcp = TcpStream::connect(gw.https_addr).await.unwrap();
+    tcp.write_all(&hello[..hello.len() / 2]).await.unwrap();
+    drop(tcp);
+
+    // A full ClientHello, read the server's first flight, hang up mid-handshake.
+    let mut tcp = TcpStream::connect(gw.https_addr).await.unwrap();
+    tcp.write_all(&hello).await.unwrap();
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .expect("no ServerHello within 5 s")
+        .unwrap();
+    assert!(n > 0 && buf[0] == 0x16, "expected a handshake record");
+    drop(tcp);
+
+    assert_still_serving(&gw).await;
+    assert_still_serving(&gw).await;
+}
+
+/// The first flight a rustls client would send.
+fn client_hello_bytes(cfg: Arc<rustls::ClientConfig>) -> Vec<u8> {
+    let mut conn =
+        rustls::ClientConnection::new(cfg, ServerName::try_from("localhost").unwrap()).unwrap();
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).unwrap();
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_signed_cert_works_and_warns() {
+    let (_up, gw) = start_with(|b| b.self_signed()).await;
+    let client = https_client_with(
+        insecure_client_config(Alpn::H2AndHttp11),
+        gw.https_addr,
+        Alpn::H2AndHttp11,
+    );
+    let resp = client.get(gw.url("/echo")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let warned = gw.log_events().iter().any(|e| {
+        field_str(e, "level").is_some_and(|l| l.eq_ignore_ascii_case("warn"))
+            && e.to_string().to_ascii_lowercase().contains("self")
+    });
+    assert!(
+        warned,
+        "no WARN log mentioning the self-signed certificate:\n{}",
+        gw.logs()
+    );
+}
+
+async fn key_format_loads(format: KeyFormat) {
+    let (_up, gw) = start_with(|b| b.key_format(format)).await;
+    // The client verifies the chain against the test CA, so the configured cert was served.
+    let tls = gw.tls_connect(Alpn::Http11).await;
+    let presented = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    assert_eq!(presented, gw.config.pki.leaf_der, "{format:?}");
+    drop(tls);
+    let resp = gw
+        .https_client(Alpn::H2AndHttp11)
+        .get(gw.url("/echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{format:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_file_pkcs8_ecdsa() {
+    key_format_loads(KeyFormat::Pkcs8Ecdsa).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_file_sec1_ecdsa() {
+    key_format_loads(KeyFormat::Sec1Ecdsa).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_file_pkcs1_rsa() {
+    key_format_loads(KeyFormat::Pkcs1Rsa).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_file_pkcs8_rsa() {
+    key_format_loads(KeyFormat::Pkcs8Rsa).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_listener_redirects_308_to_https() {
+    let (up, gw) = start_with(|b| b.section("server", r#"http_listen = "127.0.0.1:0""#)).await;
+    let http = gw
+        .http_addr
+        .expect("no `listening` event with listener=http");
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let resp = client
+        .get(format!("http://{http}/echo/x?a=1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 308);
+    let loc = resp.headers()["location"].to_str().unwrap().to_string();
+    assert!(
+        loc.starts_with("https://") && loc.ends_with("/echo/x?a=1"),
+        "Location: {loc}"
+    );
+    assert_eq!(up.requests(), 0, "plain-HTTP request was proxied");
+}
