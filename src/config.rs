@@ -13,6 +13,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::onramp::request::RedirectRule;
+
 
 /// One bad key (or an unreadable/unparsable file).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -316,6 +318,7 @@ pub struct Settings {
     pub substitute_private_client_ip: Option<IpAddr>,
     pub onramp_url: url::Url,
     pub offramp_url: url::Url,
+    pub redirect_allowlist: Vec<RedirectRule>,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
 }
@@ -579,7 +582,13 @@ impl Config {
             c.bad("offramp.path", "must differ from onramp.path");
         }
         let offramp_url = c.url("offramp.url", &self.offramp.url, true);
-        // TODO(lead): parse offramp.redirect_url_allowlist with onramp::request::RedirectRule
+        let mut redirect_allowlist = Vec::new();
+        for (i, entry) in self.offramp.redirect_url_allowlist.iter().enumerate() {
+            match RedirectRule::parse(entry) {
+                Ok(rule) => redirect_allowlist.push(rule),
+                Err(e) => c.bad(&format!("offramp.redirect_url_allowlist[{i}]"), e),
+            }
+        }
 
         c.route_path("addresses.context_path", &self.addresses.context_path);
 
@@ -638,6 +647,7 @@ impl Config {
             substitute_private_client_ip,
             onramp_url,
             offramp_url,
+            redirect_allowlist,
             tls_cert,
             tls_key,
             config: self,

@@ -21,7 +21,10 @@ use crate::cdp::key::CdpKey;
 use crate::client_ip::ConnInfo;
 use crate::config::Settings;
 use crate::listener::{accept_loop, http_builder, serve_http, Handler, HttpSettings};
+use crate::cdp::client::CdpClient;
 use crate::metrics::{ConnectionGuard, Metrics};
+use crate::mint::Minter;
+use crate::ratelimit::{MemoryLimiter, Policy, RateLimiter};
 use crate::proxy::Proxy;
 use crate::routes::App;
 use crate::tls::{self, CertStore, TlsError};
@@ -61,6 +64,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let drain = CancellationToken::new();
 
     let readiness = Arc::new(Readiness::new(cdp_key.is_some(), Vec::new()));
+
     if cdp_key.is_none() {
         tracing::warn!(
             "no CDP API key configured (CDP_API_KEY_ID/CDP_API_KEY_SECRET or [cdp] key_file): \
@@ -74,7 +78,11 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         settings.upstream_response_timeout(),
         connections.clone(),
     );
-    let app = Arc::new(App::new(&settings, metrics.clone(), proxy, None));
+    let minter = match cdp_key {
+        Some(key) => Some(build_minter(&settings, key, metrics.clone())?),
+        None => None,
+    };
+    let app = Arc::new(App::new(&settings, metrics.clone(), proxy, minter));
 
     // Bind everything first: a port in use fails start-up before anything is served.
     let https = bind("server.listen", settings.listen).await?;
@@ -222,6 +230,31 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_tasks.wait()).await;
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// The token-minting side: CDP client, per-IP rate limiter, validation rules.
+fn build_minter(settings: &Arc<Settings>, key: CdpKey, metrics: Arc<Metrics>) -> Result<Minter, StartError> {
+    let rl = &settings.config.rate_limit;
+    let policy = Policy {
+        requests_per_minute: rl.requests_per_minute,
+        burst: rl.burst,
+        ipv6_prefix: rl.ipv6_prefix,
+    };
+    let memory = Arc::new(MemoryLimiter::new(policy).map_err(|e| StartError::Other(e.to_string()))?);
+    memory.spawn_housekeeping(memory.recommended_housekeeping_interval());
+    let limiter: Arc<dyn RateLimiter> = memory;
+    if settings.cdp_api_base.scheme() == "http" {
+        tracing::warn!(
+            api_base = %settings.cdp_api_base,
+            "cdp.api_base is plain http: only for a local fake CDP, never for Coinbase"
+        );
+    }
+    let key_id = key.id().to_string();
+    let algorithm = key.algorithm().as_str();
+    let cdp = CdpClient::new(&settings.cdp_api_base, Arc::new(key), settings.cdp_timeout())
+        .map_err(|e| StartError::Other(e.to_string()))?;
+    tracing::info!(key_id = %key_id, algorithm, token_url = %cdp.token_url(), "CDP API key loaded");
+    Ok(Minter::new(settings.clone(), cdp, limiter, metrics))
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {

@@ -1,4 +1,5 @@
 //! Coinbase Developer Platform: API key loading, JWT bearer auth, session-token client.
 
+pub mod client;
 pub mod jwt;
 pub mod key;
