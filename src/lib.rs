@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod mint;
 pub mod onramp;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod ratelimit;
 pub mod routes;
 pub mod server;

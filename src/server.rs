@@ -9,8 +9,11 @@ use std::time::Duration;
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, HOST, LOCATION};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -18,8 +21,9 @@ use tokio_util::task::TaskTracker;
 use crate::admin::{Admin, Readiness};
 use crate::body::{full, ResponseBody};
 use crate::cdp::key::CdpKey;
-use crate::client_ip::ConnInfo;
-use crate::config::Settings;
+use crate::client_ip::{ClientIpPolicy, ConnInfo};
+use crate::config::{ProxyProtocol, Settings};
+use crate::proxy_protocol;
 use crate::listener::{accept_loop, http_builder, serve_http, Handler, HttpSettings};
 use crate::cdp::client::CdpClient;
 use crate::metrics::{ConnectionGuard, Metrics};
@@ -114,38 +118,24 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
 
     let accepting = TaskTracker::new();
     {
-        let (builder, app, metrics, drain) = (builder.clone(), app.clone(), metrics.clone(), drain.clone());
-        let handshake_timeout = settings.header_read_timeout();
-        let idle = settings.idle_timeout();
+        let frontend = Arc::new(TlsFrontend {
+            acceptor,
+            builder: builder.clone(),
+            app: app.clone(),
+            metrics: metrics.clone(),
+            drain: drain.clone(),
+            handshake_timeout: settings.header_read_timeout(),
+            idle_timeout: settings.idle_timeout(),
+            proxy_protocol: (settings.config.server.proxy_protocol == ProxyProtocol::On)
+                .then(|| ClientIpPolicy::new(settings.trusted_proxies.clone())),
+            fallback_local: https_addr,
+        });
         accepting.spawn(accept_loop(
             https,
             limit.clone(),
             stop_accepting.clone(),
             connections.clone(),
-            move |stream, peer, permit| {
-                let (builder, app, metrics, drain, acceptor) =
-                    (builder.clone(), app.clone(), metrics.clone(), drain.clone(), acceptor.clone());
-                async move {
-                    let _permit = permit;
-                    let _counted = ConnectionGuard::new(&metrics);
-                    let conn = Arc::new(ConnInfo::new(peer, stream.local_addr().unwrap_or(https_addr)));
-                    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            let reason = handshake_failure_reason(&e);
-                            metrics.count_handshake_failure(reason);
-                            tracing::debug!(peer = %conn.peer, reason, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            metrics.count_handshake_failure("timeout");
-                            tracing::debug!(peer = %conn.peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    serve_http(tls, conn, builder, app, idle, drain).await;
-                }
-            },
+            move |stream, peer, permit| frontend.clone().serve(stream, peer, permit),
         ));
     }
     if let Some(listener) = http {
@@ -282,6 +272,68 @@ async fn wait_for_shutdown_signal(certs: &CertStore) -> Result<(), StartError> {
                 Err(e) => tracing::error!(error = %e, "SIGHUP: certificate reload failed; keeping the current one"),
             },
         }
+    }
+}
+
+/// The HTTPS listener's per-connection work: optional PROXY header, TLS handshake
+/// (bounded by the header read timeout), then HTTP.
+struct TlsFrontend {
+    acceptor: TlsAcceptor,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    app: Arc<App>,
+    metrics: Arc<Metrics>,
+    drain: CancellationToken,
+    handshake_timeout: Duration,
+    idle_timeout: Duration,
+    /// `Some` when `proxy_protocol = "on"`: who may send the header.
+    proxy_protocol: Option<ClientIpPolicy>,
+    fallback_local: SocketAddr,
+}
+
+impl TlsFrontend {
+    async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
+        let _permit = permit;
+        let _counted = ConnectionGuard::new(&self.metrics);
+        let local = stream.local_addr().unwrap_or(self.fallback_local);
+        match &self.proxy_protocol {
+            None => self.handshake_and_serve(stream, ConnInfo::new(peer, local)).await,
+            Some(policy) => match proxy_protocol::accept(stream, peer, policy).await {
+                Ok((stream, client)) => self.handshake_and_serve(stream, ConnInfo::new(client, local)).await,
+                Err(e) => {
+                    self.metrics.count_handshake_failure(e.reason());
+                    tracing::debug!(peer = %peer, error = %e, "connection refused: PROXY protocol");
+                }
+            },
+        }
+    }
+
+    async fn handshake_and_serve<IO>(&self, io: IO, conn: ConnInfo)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let tls = match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(io)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                let reason = handshake_failure_reason(&e);
+                self.metrics.count_handshake_failure(reason);
+                tracing::debug!(peer = %conn.peer, reason, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.metrics.count_handshake_failure("timeout");
+                tracing::debug!(peer = %conn.peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        serve_http(
+            tls,
+            Arc::new(conn),
+            self.builder.clone(),
+            self.app.clone(),
+            self.idle_timeout,
+            self.drain.clone(),
+        )
+        .await;
     }
 }
 
