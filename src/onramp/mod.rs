@@ -1,0 +1,5 @@
+//! The onramp/offramp routes: request parsing, validation and the Coinbase redirect.
+
+pub mod address;
+pub mod redirect;
+pub mod request;
