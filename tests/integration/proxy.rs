@@ -594,3 +594,73 @@ async fn access_log_line_per_request() {
         gw.logs()
     );
 }
+
+/// An upstream that dies mid-body must not be turned into a clean, complete-looking
+/// response: the client has to see an error (HTTP/1.1: no terminating chunk or a short
+/// Content-Length; HTTP/2: RST_STREAM), or it would cache/process a truncated file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_upstream_body_is_an_error_for_the_client() {
+    let (_up, gw) = start().await;
+    for alpn in [Alpn::Http11, Alpn::H2AndHttp11] {
+        let resp = gw
+            .https_client(alpn)
+            .get(gw.url("/abort?bytes=100000"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{alpn:?}");
+        let body = resp.bytes().await;
+        assert!(
+            body.is_err(),
+            "{alpn:?}: truncated upstream body delivered as a complete {}-byte response",
+            body.map(|b| b.len()).unwrap_or_default()
+        );
+    }
+    // And the gateway is fine afterwards.
+    let resp = gw
+        .https_client(Alpn::H2AndHttp11)
+        .get(gw.url("/echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onramp_route_is_logged_and_counted_as_onramp() {
+    let (_up, gw) = start().await;
+    let resp = gw
+        .https_client(Alpn::Http11)
+        .get(gw.url("/onramp?address=0x1111111111111111111111111111111111111111&blockchains=base"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let ev = gw
+        .wait_for_log(Duration::from_secs(5), "access log for /onramp", |e| {
+            field(e, "message").and_then(Value::as_str) == Some("request")
+                && field(e, "path").and_then(Value::as_str) == Some("/onramp")
+        })
+        .await;
+    assert_eq!(
+        field(&ev, "route").and_then(Value::as_str),
+        Some("onramp"),
+        "{ev}"
+    );
+    assert!(
+        !gw.logs()
+            .contains("0x1111111111111111111111111111111111111111"),
+        "query string (wallet address) in logs:\n{}",
+        gw.logs()
+    );
+    let (_, metrics) = gw.admin_get("/metrics").await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "onramp_gateway_requests_total",
+            &[("route", "onramp"), ("status", "503")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}

@@ -393,3 +393,61 @@ async fn sigterm_with_idle_connections_exits_promptly() {
 async fn sigint_with_idle_connections_exits_promptly() {
     idle_signal_exits_zero("INT").await;
 }
+
+#[test]
+fn listen_address_in_use_refused() {
+    // Hold the port for the whole test so the gateway cannot bind it.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap().to_string();
+    for section in ["server", "admin"] {
+        let (out, _w) = GatewayBuilder::new(&upstream_url())
+            .section(section, &format!("listen = \"{addr}\""))
+            .run_expect_exit(EXIT_WAIT);
+        let d = describe(&out);
+        assert_eq!(out.status.code(), Some(1), "{section}.listen in use: {d}");
+        assert!(
+            text(&out.stderr).contains(&addr),
+            "{section}.listen in use: stderr does not name {addr}: {d}"
+        );
+        assert!(!text(&out.stdout).contains("\"ready\""), "{d}");
+    }
+    drop(held);
+}
+
+/// SPEC: PATH defaults to `config.toml`, or env `ONRAMP_GATEWAY_CONFIG`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_from_env_var_and_default_path() {
+    let up = Upstream::start().await;
+
+    let mut w = GatewayBuilder::new(&up.url()).write();
+    // Renamed so that the default ./config.toml does not exist: only the variable can
+    // lead the gateway to the file.
+    let other = w.dir.path().join("other-name.toml");
+    std::fs::rename(&w.path, &other).unwrap();
+    w.path = other.clone();
+    let path = other.to_string_lossy().into_owned();
+    let gw = w
+        .start_with_args(vec![], &[("ONRAMP_GATEWAY_CONFIG", &path)])
+        .await;
+    let resp = gw
+        .https_client(Alpn::Http11)
+        .get(gw.url("/echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(gw);
+
+    // No flag, no variable: ./config.toml (the harness runs the binary in the config's dir).
+    let gw = GatewayBuilder::new(&up.url())
+        .write()
+        .start_with_args(vec![], &[])
+        .await;
+    let resp = gw
+        .https_client(Alpn::Http11)
+        .get(gw.url("/echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}

@@ -237,8 +237,21 @@ impl WrittenConfig {
     }
 
     pub async fn start(self) -> Gateway {
-        let mut cmd = clean_command(&self.env);
-        cmd.args(self.run_args())
+        let args = self.run_args();
+        self.start_with_args(args, &[]).await
+    }
+
+    /// Starts the binary with `args` (instead of `--config <file>`) and extra environment,
+    /// in the config's directory, and waits for `ready`.
+    pub async fn start_with_args(self, args: Vec<String>, extra_env: &[(&str, &str)]) -> Gateway {
+        let mut env = self.env.clone();
+        env.extend(
+            extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        let mut cmd = clean_command(&env);
+        cmd.args(args)
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

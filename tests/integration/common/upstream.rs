@@ -8,6 +8,8 @@
 //! - `/big?bytes=N`: streams N bytes of [`pattern_bytes`] (chunked, no Content-Length).
 //! - `/drip?chunks=N&interval_ms=M`: sends a line, then waits, N times (checks streaming).
 //! - `/slow?ms=N`: waits N ms before sending response headers.
+//! - `/abort?bytes=N`: sends headers and N bytes, then fails the body (the connection is
+//!   cut mid-response).
 //! - `/ws`: WebSocket echo.
 //! - `/status/N`: answers status N.
 //! - `/hop`: answers 200 with hop-by-hop response headers that a proxy must strip.
@@ -175,6 +177,11 @@ async fn handle(
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         big(n)
+    } else if path == "/abort" {
+        let n: usize = query_param(&req, "bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000);
+        abort_after(n)
     } else if path == "/drip" {
         let chunks: usize = query_param(&req, "chunks")
             .and_then(|v| v.parse().ok())
@@ -274,6 +281,30 @@ fn big(total: usize) -> Response<Body> {
         let n = CHUNK.min(total - offset);
         let frame = Frame::data(Bytes::from(pattern_bytes(offset, n)));
         Some((Ok::<_, BoxError>(frame), offset + n))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header("x-upstream", "fake")
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap()
+}
+
+fn abort_after(n: usize) -> Response<Body> {
+    // The error comes a little later: failing at once would let hyper drop the connection
+    // before the head and data are flushed, and the gateway would (rightly) see no response.
+    let stream = futures_util::stream::unfold(0u8, move |step| async move {
+        match step {
+            0 => Some((Ok(Frame::data(Bytes::from(pattern_bytes(0, n)))), 1)),
+            1 => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Some((
+                    Err(BoxError::from("fake upstream: deliberate mid-body abort")),
+                    2,
+                ))
+            }
+            _ => None,
+        }
     });
     Response::builder()
         .status(StatusCode::OK)
@@ -395,6 +426,14 @@ mod selftest {
         assert_eq!(&got[..], &body[..]);
 
         let r = c
+            .get(format!("{}/abort?bytes=1000", up.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.bytes().await.is_err(), "/abort must end in a body error");
+
+        let r = c
             .get(format!("{}/status/418", up.url()))
             .send()
             .await
@@ -402,7 +441,7 @@ mod selftest {
         assert_eq!(r.status(), 418);
         let r = c.get(format!("{}/hop", up.url())).send().await.unwrap();
         assert_eq!(r.headers()["x-hop-resp"], "must-not-reach-client");
-        assert_eq!(up.requests(), 5);
+        assert_eq!(up.requests(), 6);
 
         let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", up.addr))
             .await
