@@ -257,6 +257,8 @@ pub struct RateLimitConfig {
     pub ipv6_prefix: u8,
     pub backend: LimiterBackend,
     pub redis_url: String,
+    /// Extension to SPEC.md: prefix of the Redis keys (one per client IP).
+    pub redis_key_prefix: String,
     pub on_backend_error: OnBackendError,
 }
 
@@ -268,6 +270,7 @@ impl Default for RateLimitConfig {
             ipv6_prefix: 64,
             backend: LimiterBackend::Memory,
             redis_url: "redis://127.0.0.1:6379/0".into(),
+            redis_key_prefix: "onramp-gateway:rl:".into(),
             on_backend_error: OnBackendError::Deny,
         }
     }
@@ -601,6 +604,19 @@ impl Config {
         }
         if rl.ipv6_prefix == 0 || rl.ipv6_prefix > 128 {
             c.bad("rate_limit.ipv6_prefix", "must be between 1 and 128");
+        }
+        if rl.requests_per_minute > 0 && rl.burst > 0 && rl.ipv6_prefix > 0 {
+            let policy = crate::ratelimit::Policy {
+                requests_per_minute: rl.requests_per_minute,
+                burst: rl.burst,
+                ipv6_prefix: rl.ipv6_prefix,
+            };
+            if let Err(e) = policy.validate() {
+                c.bad("rate_limit", e.to_string());
+            }
+        }
+        if rl.redis_key_prefix.len() > 128 || rl.redis_key_prefix.chars().any(char::is_whitespace) {
+            c.bad("rate_limit.redis_key_prefix", "at most 128 characters, no whitespace");
         }
         if rl.backend == LimiterBackend::Redis {
             match url::Url::parse(&rl.redis_url) {

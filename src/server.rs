@@ -18,17 +18,17 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::{Admin, Readiness};
+use crate::admin::{Admin, HealthCheck, Readiness};
 use crate::body::{full, ResponseBody};
 use crate::cdp::key::CdpKey;
 use crate::client_ip::{ClientIpPolicy, ConnInfo};
-use crate::config::{ProxyProtocol, Settings};
+use crate::config::{LimiterBackend, ProxyProtocol, Settings};
 use crate::proxy_protocol;
 use crate::listener::{accept_loop, http_builder, serve_http, Handler, HttpSettings};
 use crate::cdp::client::CdpClient;
 use crate::metrics::{ConnectionGuard, Metrics};
 use crate::mint::Minter;
-use crate::ratelimit::{MemoryLimiter, Policy, RateLimiter};
+use crate::ratelimit::{MemoryLimiter, Policy, RateLimiter, RedisLimiter};
 use crate::proxy::Proxy;
 use crate::routes::App;
 use crate::tls::{self, CertStore, TlsError};
@@ -67,8 +67,19 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let stop_accepting = CancellationToken::new();
     let drain = CancellationToken::new();
 
-    let readiness = Arc::new(Readiness::new(cdp_key.is_some(), Vec::new()));
-
+    let limiter = build_limiter(&settings)?;
+    let mut checks: Vec<(&'static str, HealthCheck)> = Vec::new();
+    if settings.config.rate_limit.backend == LimiterBackend::Redis {
+        let limiter = limiter.clone();
+        checks.push((
+            "redis",
+            Arc::new(move || {
+                let limiter = limiter.clone();
+                Box::pin(async move { limiter.health().await.map_err(|e| e.to_string()) })
+            }),
+        ));
+    }
+    let readiness = Arc::new(Readiness::new(cdp_key.is_some(), checks));
     if cdp_key.is_none() {
         tracing::warn!(
             "no CDP API key configured (CDP_API_KEY_ID/CDP_API_KEY_SECRET or [cdp] key_file): \
@@ -83,7 +94,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         connections.clone(),
     );
     let minter = match cdp_key {
-        Some(key) => Some(build_minter(&settings, key, metrics.clone())?),
+        Some(key) => Some(build_minter(&settings, key, limiter, metrics.clone())?),
         None => None,
     };
     let app = Arc::new(App::new(&settings, metrics.clone(), proxy, minter));
@@ -222,17 +233,38 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     Ok(())
 }
 
-/// The token-minting side: CDP client, per-IP rate limiter, validation rules.
-fn build_minter(settings: &Arc<Settings>, key: CdpKey, metrics: Arc<Metrics>) -> Result<Minter, StartError> {
+/// The per-IP limiter of the minting routes, per `rate_limit.backend`.
+fn build_limiter(settings: &Settings) -> Result<Arc<dyn RateLimiter>, StartError> {
     let rl = &settings.config.rate_limit;
     let policy = Policy {
         requests_per_minute: rl.requests_per_minute,
         burst: rl.burst,
         ipv6_prefix: rl.ipv6_prefix,
     };
-    let memory = Arc::new(MemoryLimiter::new(policy).map_err(|e| StartError::Other(e.to_string()))?);
-    memory.spawn_housekeeping(memory.recommended_housekeeping_interval());
-    let limiter: Arc<dyn RateLimiter> = memory;
+    let limiter: Arc<dyn RateLimiter> = match rl.backend {
+        LimiterBackend::Memory => {
+            let memory = Arc::new(MemoryLimiter::new(policy).map_err(|e| StartError::Other(e.to_string()))?);
+            memory.spawn_housekeeping(memory.recommended_housekeeping_interval());
+            memory
+        }
+        LimiterBackend::Redis => {
+            tracing::info!(on_backend_error = ?rl.on_backend_error, "rate limits shared through Redis");
+            Arc::new(
+                RedisLimiter::new(policy, &rl.redis_url, &rl.redis_key_prefix)
+                    .map_err(|e| StartError::Other(e.to_string()))?,
+            )
+        }
+    };
+    Ok(limiter)
+}
+
+/// The token-minting side: CDP client, per-IP rate limiter, validation rules.
+fn build_minter(
+    settings: &Arc<Settings>,
+    key: CdpKey,
+    limiter: Arc<dyn RateLimiter>,
+    metrics: Arc<Metrics>,
+) -> Result<Minter, StartError> {
     if settings.cdp_api_base.scheme() == "http" {
         tracing::warn!(
             api_base = %settings.cdp_api_base,

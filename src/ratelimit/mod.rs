@@ -24,8 +24,10 @@ use http::{HeaderName, HeaderValue};
 
 pub mod gcra;
 pub mod memory;
+pub mod redis;
 
 pub use memory::MemoryLimiter;
+pub use redis::RedisLimiter;
 
 /// The policy name used in the `RateLimit-Policy` / `RateLimit` fields. One policy covers the
 /// onramp and offramp routes together, as they share one budget per client.
