@@ -15,7 +15,6 @@ use serde::Deserialize;
 
 use crate::onramp::request::RedirectRule;
 
-
 /// One bad key (or an unreadable/unparsable file).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigProblem {
@@ -309,6 +308,8 @@ impl Default for LogConfig {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub config: Config,
+    /// The file it was read from (empty when validated from a string).
+    pub config_file: PathBuf,
     /// Directory of the config file: relative file paths in it are resolved against it.
     pub base_dir: PathBuf,
     pub listen: SocketAddr,
@@ -361,25 +362,43 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         }],
     };
     let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
-    let config: Config = toml::from_str(&text).map_err(|e| fail(describe_toml_error(&e)))?;
+    let config = parse(&text).map_err(|(key, message)| ConfigError {
+        file: path.to_path_buf(),
+        problems: vec![ConfigProblem { key, message }],
+    })?;
     let base_dir = path
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    config.validate(&base_dir).map_err(|problems| ConfigError {
+    let mut settings = config.validate(&base_dir).map_err(|problems| ConfigError {
         file: path.to_path_buf(),
         problems,
+    })?;
+    settings.config_file = path.to_path_buf();
+    Ok(settings)
+}
+
+/// Parses the TOML text. On error returns the dotted key (when there is one) and a
+/// one-line message: serde_path_to_error tracks where in the document a type error
+/// happened, which serde alone forgets ("invalid value" without the key).
+pub fn parse(text: &str) -> Result<Config, (String, String)> {
+    let deserializer =
+        toml::Deserializer::parse(text).map_err(|e| (String::new(), one_line(&e)))?;
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let key = if key == "." { String::new() } else { key };
+        (key, one_line(&inner))
     })
 }
 
-/// toml's message already names the key and quotes the line; flatten it to one line
-/// so it reads well in a container log.
-fn describe_toml_error(e: &toml::de::Error) -> String {
-    let mut msg = e.message().trim().to_string();
-    if let (Some(span), true) = (e.span(), !msg.is_empty()) {
-        msg = format!("{msg} (at byte {})", span.start);
+/// toml's message plus the line it is on, flattened to one line for container logs.
+fn one_line(e: &toml::de::Error) -> String {
+    let msg = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => format!("{msg} (at byte {})", span.start),
+        None => msg,
     }
-    msg
 }
 
 /// Collects problems while checking every key.
@@ -426,7 +445,10 @@ impl Checker {
         if !value.starts_with('/') {
             self.bad(key, format!("must start with '/' (got {value:?})"));
         } else if value.contains(['?', '#', ' ']) {
-            self.bad(key, format!("must be a plain path without query or fragment (got {value:?})"));
+            self.bad(
+                key,
+                format!("must be a plain path without query or fragment (got {value:?})"),
+            );
         }
     }
 
@@ -441,7 +463,10 @@ impl Checker {
                 }
             }
             Ok(u) => {
-                self.bad(key, format!("unsupported scheme {:?} in {value:?}", u.scheme()));
+                self.bad(
+                    key,
+                    format!("unsupported scheme {:?} in {value:?}", u.scheme()),
+                );
                 None
             }
             Err(e) => {
@@ -474,7 +499,10 @@ impl Config {
         c.positive("server.idle_timeout_ms", s.idle_timeout_ms);
         c.positive("server.shutdown_grace_ms", s.shutdown_grace_ms);
         if s.max_header_bytes < 1024 || s.max_header_bytes > 1024 * 1024 {
-            c.bad("server.max_header_bytes", "must be between 1024 and 1048576");
+            c.bad(
+                "server.max_header_bytes",
+                "must be between 1024 and 1048576",
+            );
         }
         if s.workers > 1024 {
             c.bad("server.workers", "must be between 0 (one per CPU) and 1024");
@@ -531,12 +559,21 @@ impl Config {
                 None
             }
             Err(e) => {
-                c.bad("upstream.url", format!("invalid URL {:?}: {e}", self.upstream.url));
+                c.bad(
+                    "upstream.url",
+                    format!("invalid URL {:?}: {e}", self.upstream.url),
+                );
                 None
             }
         };
-        c.positive("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms);
-        c.positive("upstream.response_timeout_ms", self.upstream.response_timeout_ms);
+        c.positive(
+            "upstream.connect_timeout_ms",
+            self.upstream.connect_timeout_ms,
+        );
+        c.positive(
+            "upstream.response_timeout_ms",
+            self.upstream.response_timeout_ms,
+        );
 
         let admin_listen = c.optional_socket_addr("admin.listen", &self.admin.listen);
 
@@ -557,7 +594,10 @@ impl Config {
                 Err(_) => {
                     c.bad(
                         "cdp.substitute_private_client_ip",
-                        format!("not an IP address: {:?}", self.cdp.substitute_private_client_ip),
+                        format!(
+                            "not an IP address: {:?}",
+                            self.cdp.substitute_private_client_ip
+                        ),
                     );
                     None
                 }
@@ -570,13 +610,26 @@ impl Config {
             c.bad("onramp.blockchains", "must list at least one blockchain");
         }
         for (i, b) in self.onramp.blockchains.iter().enumerate() {
-            if b.is_empty() || !b.bytes().all(|ch| ch.is_ascii_alphanumeric() || ch == b'-' || ch == b'_') {
-                c.bad(&format!("onramp.blockchains[{i}]"), format!("invalid blockchain name {b:?}"));
+            if b.is_empty()
+                || !b
+                    .bytes()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == b'-' || ch == b'_')
+            {
+                c.bad(
+                    &format!("onramp.blockchains[{i}]"),
+                    format!("invalid blockchain name {b:?}"),
+                );
             }
         }
         for (i, a) in self.onramp.assets.iter().enumerate() {
-            if a.is_empty() || a.len() > 64 || !a.bytes().all(|ch| ch.is_ascii_alphanumeric() || ch == b'-') {
-                c.bad(&format!("onramp.assets[{i}]"), format!("invalid asset {a:?}"));
+            if a.is_empty()
+                || a.len() > 64
+                || !a.bytes().all(|ch| ch.is_ascii_alphanumeric() || ch == b'-')
+            {
+                c.bad(
+                    &format!("onramp.assets[{i}]"),
+                    format!("invalid asset {a:?}"),
+                );
             }
         }
 
@@ -616,14 +669,20 @@ impl Config {
             }
         }
         if rl.redis_key_prefix.len() > 128 || rl.redis_key_prefix.chars().any(char::is_whitespace) {
-            c.bad("rate_limit.redis_key_prefix", "at most 128 characters, no whitespace");
+            c.bad(
+                "rate_limit.redis_key_prefix",
+                "at most 128 characters, no whitespace",
+            );
         }
         if rl.backend == LimiterBackend::Redis {
             match url::Url::parse(&rl.redis_url) {
                 Ok(u) if matches!(u.scheme(), "redis" | "rediss" | "unix" | "redis+unix") => {}
                 _ => c.bad(
                     "rate_limit.redis_url",
-                    format!("invalid Redis URL {:?} (expected redis://host:port/db)", redact_url(&rl.redis_url)),
+                    format!(
+                        "invalid Redis URL {:?} (expected redis://host:port/db)",
+                        redact_url(&rl.redis_url)
+                    ),
                 ),
             }
         }
@@ -635,7 +694,10 @@ impl Config {
         }
 
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            c.bad("log.level", format!("invalid level or filter {:?}", self.log.level));
+            c.bad(
+                "log.level",
+                format!("invalid level or filter {:?}", self.log.level),
+            );
         }
 
         if !c.problems.is_empty() {
@@ -652,6 +714,7 @@ impl Config {
             }]);
         };
         Ok(Settings {
+            config_file: PathBuf::new(),
             base_dir: base_dir.to_path_buf(),
             listen,
             http_listen,
@@ -684,11 +747,15 @@ fn parse_cidr(s: &str) -> Option<IpNet> {
 /// is compared to it byte for byte, so anything else could never match.
 fn check_origin(origin: &str) -> Result<(), String> {
     if origin == "*" || origin.contains('*') {
-        return Err("wildcards are not allowed: list each approved origin (Coinbase forbids \"*\")".into());
+        return Err(
+            "wildcards are not allowed: list each approved origin (Coinbase forbids \"*\")".into(),
+        );
     }
     let u = url::Url::parse(origin).map_err(|e| format!("invalid origin {origin:?}: {e}"))?;
     if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
-        return Err(format!("origin must be http(s)://host[:port], got {origin:?}"));
+        return Err(format!(
+            "origin must be http(s)://host[:port], got {origin:?}"
+        ));
     }
     if u.ascii_serialization_origin() != origin {
         return Err(format!(
@@ -726,7 +793,7 @@ mod tests {
     use super::*;
 
     fn validate(toml_text: &str) -> Result<Settings, Vec<ConfigProblem>> {
-        let config: Config = toml::from_str(toml_text).expect("parses");
+        let config: Config = parse(toml_text).expect("parses");
         config.validate(Path::new("."))
     }
 
@@ -747,8 +814,18 @@ mod tests {
 
     #[test]
     fn unknown_key_is_refused_by_name() {
-        let err = toml::from_str::<Config>("[server]\nlistn = \"1\"\n").unwrap_err();
-        assert!(err.message().contains("listn"), "{}", err.message());
+        let (key, message) = parse("[server]\nlistn = \"1\"\n").unwrap_err();
+        assert!(key.starts_with("server"), "{key}");
+        assert!(message.contains("listn"), "{message}");
+    }
+
+    #[test]
+    fn type_errors_name_the_dotted_key() {
+        let (key, _) = parse("[upstream]\nresponse_timeout_ms = -5\n").unwrap_err();
+        assert_eq!(key, "upstream.response_timeout_ms");
+        let (key, message) = parse("[log]\nformat = \"xml\"\n").unwrap_err();
+        assert_eq!(key, "log.format");
+        assert!(message.contains("xml"), "{message}");
     }
 
     #[test]
@@ -772,7 +849,9 @@ mod tests {
 
     #[test]
     fn missing_cert_file_is_named() {
-        let problems = validate("[tls]\ncert = \"/nonexistent/tls.crt\"\nkey = \"/nonexistent/tls.key\"\n").unwrap_err();
+        let problems =
+            validate("[tls]\ncert = \"/nonexistent/tls.crt\"\nkey = \"/nonexistent/tls.key\"\n")
+                .unwrap_err();
         assert!(problems
             .iter()
             .any(|p| p.key == "tls.cert" && p.message.contains("/nonexistent/tls.crt")));
@@ -780,7 +859,12 @@ mod tests {
 
     #[test]
     fn upstream_must_be_a_plain_http_origin() {
-        for bad in ["https://app:443", "http://app:3000/prefix", "not a url", "ftp://x"] {
+        for bad in [
+            "https://app:443",
+            "http://app:3000/prefix",
+            "not a url",
+            "ftp://x",
+        ] {
             let t = format!("{MINIMAL}[upstream]\nurl = \"{bad}\"\n");
             let problems = validate(&t).unwrap_err();
             assert!(problems.iter().any(|p| p.key == "upstream.url"), "{bad}");
@@ -799,7 +883,8 @@ mod tests {
 
     #[test]
     fn proxy_protocol_needs_trusted_proxies() {
-        let problems = validate(&format!("{MINIMAL}[server]\nproxy_protocol = \"on\"\n")).unwrap_err();
+        let problems =
+            validate(&format!("{MINIMAL}[server]\nproxy_protocol = \"on\"\n")).unwrap_err();
         assert_eq!(problems[0].key, "server.proxy_protocol");
     }
 

@@ -13,10 +13,19 @@ use onramp_gateway::tls::{self, CertSource, CertStore};
 use onramp_gateway::{cli_mint, logging};
 
 #[derive(Parser, Debug)]
-#[command(name = "onramp-gateway", version, about = "TLS sidecar that mints Coinbase Onramp/Offramp session tokens and proxies everything else to your app")]
+#[command(
+    name = "onramp-gateway",
+    version,
+    about = "TLS sidecar that mints Coinbase Onramp/Offramp session tokens and proxies everything else to your app"
+)]
 struct Cli {
     /// Configuration file.
-    #[arg(long, global = true, env = "ONRAMP_GATEWAY_CONFIG", default_value = "config.toml")]
+    #[arg(
+        long,
+        global = true,
+        env = "ONRAMP_GATEWAY_CONFIG",
+        default_value = "config.toml"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
@@ -95,7 +104,9 @@ fn run(settings: Settings) -> ExitCode {
     // One worker: a current-thread runtime (no work-stealing overhead), which is what
     // a sidecar pinned to one CPU wants. Otherwise a multi-thread runtime.
     let runtime = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
         let mut b = tokio::runtime::Builder::new_multi_thread();
         if workers > 1 {
@@ -128,8 +139,14 @@ fn check(settings: Settings) -> ExitCode {
                 println!("{line}");
             }
             match &prepared.cdp_key {
-                Some(key) => println!("cdp key:        {} ({})", key.id(), key.algorithm().as_str()),
-                None => println!("cdp key:        none (onramp/offramp will answer 503; /readyz not ready)"),
+                Some(key) => println!(
+                    "cdp key:        {} ({})",
+                    key.id(),
+                    key.algorithm().as_str()
+                ),
+                None => println!(
+                    "cdp key:        none (onramp/offramp will answer 503; /readyz not ready)"
+                ),
             }
             let cert = prepared.certs.current();
             println!("tls chain:      {} certificate(s)", cert.cert.len());
@@ -146,13 +163,18 @@ fn check(settings: Settings) -> ExitCode {
 fn summary_lines(s: &Settings) -> Vec<String> {
     let c = &s.config;
     vec![
-        format!("config:         {}", s.base_dir.display()),
+        format!("config:         {}", s.config_file.display()),
         format!("listen:         https://{}", s.listen),
         format!(
             "http redirect:  {}",
-            s.http_listen.map_or("off".to_string(), |a| format!("http://{a}"))
+            s.http_listen
+                .map_or("off".to_string(), |a| format!("http://{a}"))
         ),
-        format!("admin:          {}", s.admin_listen.map_or("off".to_string(), |a| format!("http://{a}"))),
+        format!(
+            "admin:          {}",
+            s.admin_listen
+                .map_or("off".to_string(), |a| format!("http://{a}"))
+        ),
         format!(
             "tls:            {}",
             if c.tls.self_signed {

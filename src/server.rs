@@ -20,16 +20,16 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{Admin, HealthCheck, Readiness};
 use crate::body::{full, ResponseBody};
+use crate::cdp::client::CdpClient;
 use crate::cdp::key::CdpKey;
 use crate::client_ip::{ClientIpPolicy, ConnInfo};
 use crate::config::{LimiterBackend, ProxyProtocol, Settings};
-use crate::proxy_protocol;
 use crate::listener::{accept_loop, http_builder, serve_http, Handler, HttpSettings};
-use crate::cdp::client::CdpClient;
 use crate::metrics::{ConnectionGuard, Metrics};
 use crate::mint::Minter;
-use crate::ratelimit::{MemoryLimiter, Policy, RateLimiter, RedisLimiter};
 use crate::proxy::Proxy;
+use crate::proxy_protocol;
+use crate::ratelimit::{MemoryLimiter, Policy, RateLimiter, RedisLimiter};
 use crate::routes::App;
 use crate::tls::{self, CertStore, TlsError};
 
@@ -126,6 +126,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let builder = Arc::new(http_builder(&http_settings));
     let limit = Arc::new(Semaphore::new(settings.config.server.max_connections));
     let acceptor = TlsAcceptor::from(tls::server_config(certs.clone())?);
+    let _cert_watch = tls::spawn_file_watch(certs.clone());
 
     let accepting = TaskTracker::new();
     {
@@ -161,8 +162,12 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
             stop_accepting.clone(),
             connections.clone(),
             move |stream, peer, permit| {
-                let (builder, redirect, metrics, drain) =
-                    (builder.clone(), redirect.clone(), metrics.clone(), drain.clone());
+                let (builder, redirect, metrics, drain) = (
+                    builder.clone(),
+                    redirect.clone(),
+                    metrics.clone(),
+                    drain.clone(),
+                );
                 async move {
                     let _permit = permit;
                     let _counted = ConnectionGuard::new(&metrics);
@@ -190,12 +195,21 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
             admin_stop.clone(),
             admin_tasks.clone(),
             move |stream, peer, permit| {
-                let (builder, handler, stop) = (admin_builder.clone(), handler.clone(), stop.clone());
+                let (builder, handler, stop) =
+                    (admin_builder.clone(), handler.clone(), stop.clone());
                 let _ = &tasks;
                 async move {
                     let _permit = permit;
                     let local = stream.local_addr().unwrap_or(peer);
-                    serve_http(stream, Arc::new(ConnInfo::new(peer, local)), builder, handler, idle, stop).await;
+                    serve_http(
+                        stream,
+                        Arc::new(ConnInfo::new(peer, local)),
+                        builder,
+                        handler,
+                        idle,
+                        stop,
+                    )
+                    .await;
                 }
             },
         ));
@@ -220,7 +234,10 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     tracing::info!("stopped accepting; draining in-flight requests");
     drain.cancel();
     connections.close();
-    if tokio::time::timeout(settings.shutdown_grace(), connections.wait()).await.is_err() {
+    if tokio::time::timeout(settings.shutdown_grace(), connections.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             open = connections.len(),
             "shutdown grace period over; closing the remaining connections"
@@ -243,7 +260,8 @@ fn build_limiter(settings: &Settings) -> Result<Arc<dyn RateLimiter>, StartError
     };
     let limiter: Arc<dyn RateLimiter> = match rl.backend {
         LimiterBackend::Memory => {
-            let memory = Arc::new(MemoryLimiter::new(policy).map_err(|e| StartError::Other(e.to_string()))?);
+            let memory =
+                Arc::new(MemoryLimiter::new(policy).map_err(|e| StartError::Other(e.to_string()))?);
             memory.spawn_housekeeping(memory.recommended_housekeeping_interval());
             memory
         }
@@ -273,8 +291,12 @@ fn build_minter(
     }
     let key_id = key.id().to_string();
     let algorithm = key.algorithm().as_str();
-    let cdp = CdpClient::new(&settings.cdp_api_base, Arc::new(key), settings.cdp_timeout())
-        .map_err(|e| StartError::Other(e.to_string()))?;
+    let cdp = CdpClient::new(
+        &settings.cdp_api_base,
+        Arc::new(key),
+        settings.cdp_timeout(),
+    )
+    .map_err(|e| StartError::Other(e.to_string()))?;
     tracing::info!(key_id = %key_id, algorithm, token_url = %cdp.token_url(), "CDP API key loaded");
     Ok(Minter::new(settings.clone(), cdp, limiter, metrics))
 }
@@ -323,14 +345,25 @@ struct TlsFrontend {
 }
 
 impl TlsFrontend {
-    async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
+    async fn serve(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        permit: OwnedSemaphorePermit,
+    ) {
         let _permit = permit;
         let _counted = ConnectionGuard::new(&self.metrics);
         let local = stream.local_addr().unwrap_or(self.fallback_local);
         match &self.proxy_protocol {
-            None => self.handshake_and_serve(stream, ConnInfo::new(peer, local)).await,
+            None => {
+                self.handshake_and_serve(stream, ConnInfo::new(peer, local))
+                    .await
+            }
             Some(policy) => match proxy_protocol::accept(stream, peer, policy).await {
-                Ok((stream, client)) => self.handshake_and_serve(stream, ConnInfo::new(client, local)).await,
+                Ok((stream, client)) => {
+                    self.handshake_and_serve(stream, ConnInfo::new(client, local))
+                        .await
+                }
                 Err(e) => {
                     self.metrics.count_handshake_failure(e.reason());
                     tracing::debug!(peer = %peer, error = %e, "connection refused: PROXY protocol");
@@ -343,7 +376,8 @@ impl TlsFrontend {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let tls = match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(io)).await {
+        let tls = match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(io)).await
+        {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 let reason = handshake_failure_reason(&e);
@@ -371,12 +405,14 @@ impl TlsFrontend {
 
 /// A short label for the TLS handshake failure metric.
 fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
-    if let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+    if let Some(tls) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
         return match tls {
             rustls::Error::InvalidMessage(_) => "invalid_message",
-            rustls::Error::InappropriateMessage { .. } | rustls::Error::InappropriateHandshakeMessage { .. } => {
-                "unexpected_message"
-            }
+            rustls::Error::InappropriateMessage { .. }
+            | rustls::Error::InappropriateHandshakeMessage { .. } => "unexpected_message",
             rustls::Error::NoApplicationProtocol => "no_alpn_match",
             rustls::Error::PeerIncompatible(_) => "incompatible",
             rustls::Error::AlertReceived(_) => "alert_received",
@@ -432,9 +468,12 @@ impl Handler for RedirectToHttps {
             }
             Err(_) => *r.status_mut() = StatusCode::BAD_REQUEST,
         }
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         r.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-        r.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         r
     }
 }

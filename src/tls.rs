@@ -122,9 +122,13 @@ fn certified_key_from_pem(
 
 /// An in-memory certificate for `localhost`, `127.0.0.1` and `::1` (development only).
 pub fn self_signed() -> Result<CertifiedKey, TlsError> {
-    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
-    let generated =
-        rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::SelfSigned(e.to_string()))?;
+    let names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    let generated = rcgen::generate_simple_self_signed(names)
+        .map_err(|e| TlsError::SelfSigned(e.to_string()))?;
     let cert_pem = generated.cert.pem();
     let key_pem = generated.signing_key.serialize_pem();
     certified_key_from_pem(
@@ -183,6 +187,57 @@ impl CertStore {
     }
 }
 
+/// How often the certificate files are re-read to notice a rotation.
+pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Watches the certificate and key files and reloads when their content changes.
+///
+/// Polling the content (not inotify via the `notify` crate) on purpose: Kubernetes
+/// Secret volumes rotate by atomically swapping the `..data` symlink, which inotify
+/// only reports on the parent directory and which editors, `cp` and cert-manager
+/// each trigger differently; reading two small files every 2 s sees every one of
+/// those the same way, costs nothing measurable, and cannot miss a swap.
+/// A pair that fails to load (half-written file, mismatched key) is logged once and
+/// the current certificate stays in use; the next change is tried again.
+pub fn spawn_file_watch(store: Arc<CertStore>) -> Option<tokio::task::JoinHandle<()>> {
+    let CertSource::Files { cert, key } = store.source().clone() else {
+        return None;
+    };
+    Some(tokio::spawn(async move {
+        let mut last = fingerprint(&cert, &key).await;
+        let mut ticker = tokio::time::interval(WATCH_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let now = fingerprint(&cert, &key).await;
+            if now == last || now.is_none() {
+                continue;
+            }
+            last = now;
+            match store.reload() {
+                Ok(()) => {
+                    tracing::info!(cert = %cert.display(), "certificate files changed: reloaded")
+                }
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "certificate files changed but cannot be loaded; keeping the current certificate"
+                ),
+            }
+        }
+    }))
+}
+
+/// A hash of both files' bytes (None while either is unreadable, e.g. mid-swap).
+async fn fingerprint(cert: &Path, key: &Path) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let c = tokio::fs::read(cert).await.ok()?;
+    let k = tokio::fs::read(key).await.ok()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    c.hash(&mut h);
+    k.hash(&mut h);
+    Some(h.finish())
+}
+
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current.load_full())
@@ -207,7 +262,10 @@ mod tests {
     fn self_signed_builds_a_server_config() {
         let store = CertStore::load(CertSource::SelfSigned).expect("self-signed");
         let cfg = server_config(store).expect("config");
-        assert_eq!(cfg.alpn_protocols, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert_eq!(
+            cfg.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
     }
 
     #[test]
@@ -226,8 +284,13 @@ mod tests {
 
     #[test]
     fn garbage_files_are_named() {
-        let err =
-            certified_key_from_pem(b"nothing", b"nothing", Path::new("c.pem"), Path::new("k.pem")).unwrap_err();
+        let err = certified_key_from_pem(
+            b"nothing",
+            b"nothing",
+            Path::new("c.pem"),
+            Path::new("k.pem"),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("c.pem"), "{err}");
     }
 
