@@ -16,7 +16,8 @@ use crate::listener::Handler;
 use crate::metrics::Metrics;
 
 /// A dependency whose health `/readyz` reports (the Redis rate limiter, later others).
-pub type HealthCheck = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+pub type HealthCheck =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
 /// What `/readyz` is made of.
 pub struct Readiness {
@@ -78,19 +79,27 @@ pub struct Admin {
 impl Handler for Admin {
     async fn handle(&self, req: Request<Incoming>, _conn: Arc<ConnInfo>) -> Response<ResponseBody> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into());
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed\n".into(),
+            );
         }
         match req.uri().path() {
             "/healthz" => text(StatusCode::OK, "ok\n".into()),
             "/readyz" => match self.readiness.check().await {
                 Ok(()) => text(StatusCode::OK, "ready\n".into()),
-                Err(reasons) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", reasons.join("; "))),
+                Err(reasons) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {}\n", reasons.join("; ")),
+                ),
             },
             "/metrics" => {
                 let mut r = text(StatusCode::OK, self.metrics.render());
                 r.headers_mut().insert(
                     CONTENT_TYPE,
-                    HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
                 );
                 r
             }
@@ -102,8 +111,11 @@ impl Handler for Admin {
 fn text(status: StatusCode, body: String) -> Response<ResponseBody> {
     let mut r = Response::new(full(body));
     *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    r.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }

@@ -36,11 +36,17 @@ pub struct MintArgs {
 
 pub fn run(prepared: Prepared, args: MintArgs) -> ExitCode {
     let Some(key) = prepared.cdp_key else {
-        eprintln!("error: no CDP API key: set CDP_API_KEY_ID and CDP_API_KEY_SECRET, or [cdp] key_file");
+        eprintln!(
+            "error: no CDP API key: set CDP_API_KEY_ID and CDP_API_KEY_SECRET, or [cdp] key_file"
+        );
         return ExitCode::from(1);
     };
     let settings = prepared.settings;
-    let flow = if args.offramp { Flow::Offramp } else { Flow::Onramp };
+    let flow = if args.offramp {
+        Flow::Offramp
+    } else {
+        Flow::Onramp
+    };
     let mut query = form_urlencoded::Serializer::new(String::new());
     query.append_pair("address", &args.address);
     query.append_pair("blockchains", &args.blockchains.join(","));
@@ -70,25 +76,43 @@ pub fn run(prepared: Prepared, args: MintArgs) -> ExitCode {
         .client_ip
         .or(settings.substitute_private_client_ip)
         .unwrap_or(IpAddr::from([192, 0, 2, 1]));
-    let cdp = match CdpClient::new(&settings.cdp_api_base, std::sync::Arc::new(key), settings.cdp_timeout()) {
+    let cdp = match CdpClient::new(
+        &settings.cdp_api_base,
+        std::sync::Arc::new(key),
+        settings.cdp_timeout(),
+    ) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(1);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::from(1);
         }
     };
-    let result = runtime.block_on(cdp.create_token(&mint_request.addresses, &mint_request.assets, client_ip));
+    let result = runtime.block_on(cdp.create_token(
+        &mint_request.addresses,
+        &mint_request.assets,
+        client_ip,
+    ));
     match result {
         Ok((token, took)) => {
-            let base = if args.offramp { &settings.offramp_url } else { &settings.onramp_url };
-            println!("{}", request::build_location(base, token.expose(), &mint_request));
+            let base = if args.offramp {
+                &settings.offramp_url
+            } else {
+                &settings.onramp_url
+            };
+            println!(
+                "{}",
+                request::build_location(base, token.expose(), &mint_request)
+            );
             eprintln!(
                 "minted in {} ms for clientIp {client_ip}; the URL is single-use and expires in 5 minutes",
                 took.as_millis()

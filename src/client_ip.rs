@@ -133,7 +133,10 @@ pub fn is_private(ip: IpAddr) -> bool {
         }
         IpAddr::V6(v6) => {
             let s = v6.segments();
-            v6.is_loopback() || v6.is_unspecified() || (s[0] & 0xfe00) == 0xfc00 || (s[0] & 0xffc0) == 0xfe80
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
         }
     }
 }
@@ -177,9 +180,15 @@ mod tests {
     #[test]
     fn rightmost_untrusted_hop_wins() {
         let p = policy(&["10.0.0.0/8", "2001:db8:ffff::/48"]);
-        let r = p.resolve(&conn("10.0.0.1:1"), &xff(&["6.6.6.6, 198.51.100.2, 10.1.1.1"]));
+        let r = p.resolve(
+            &conn("10.0.0.1:1"),
+            &xff(&["6.6.6.6, 198.51.100.2, 10.1.1.1"]),
+        );
         assert_eq!(r.ip, "198.51.100.2".parse::<IpAddr>().unwrap());
-        let r = p.resolve(&conn("10.0.0.1:1"), &xff(&["6.6.6.6", "2001:db8::5, 2001:db8:ffff::1"]));
+        let r = p.resolve(
+            &conn("10.0.0.1:1"),
+            &xff(&["6.6.6.6", "2001:db8::5, 2001:db8:ffff::1"]),
+        );
         assert_eq!(r.ip, "2001:db8::5".parse::<IpAddr>().unwrap());
     }
 
@@ -202,7 +211,16 @@ mod tests {
 
     #[test]
     fn private_ranges() {
-        for ip in ["127.0.0.1", "10.1.2.3", "192.168.0.1", "172.16.0.1", "100.64.0.1", "::1", "fd00::1", "fe80::1"] {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "192.168.0.1",
+            "172.16.0.1",
+            "100.64.0.1",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+        ] {
             assert!(is_private(ip.parse().unwrap()), "{ip}");
         }
         for ip in ["192.0.2.1", "8.8.8.8", "2001:db8::1", "100.128.0.1"] {

@@ -57,7 +57,9 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         use GatewayError::*;
         match self {
-            UpstreamUnavailable | CdpUnavailable | CdpRejected | ContextUnavailable => StatusCode::BAD_GATEWAY,
+            UpstreamUnavailable | CdpUnavailable | CdpRejected | ContextUnavailable => {
+                StatusCode::BAD_GATEWAY
+            }
             UpstreamTimeout | CdpTimeout => StatusCode::GATEWAY_TIMEOUT,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -66,7 +68,9 @@ impl GatewayError {
             BadRequest(_) => StatusCode::BAD_REQUEST,
             OriginNotAllowed => StatusCode::FORBIDDEN,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            LimiterUnavailable | MintingNotConfigured | CdpRateLimited { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            LimiterUnavailable | MintingNotConfigured | CdpRateLimited { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -99,7 +103,10 @@ impl GatewayError {
             GatewayError::CdpRateLimited { retry_after } => {
                 vec![(http::header::RETRY_AFTER, retry_after_value(*retry_after))]
             }
-            GatewayError::MethodNotAllowed => vec![(http::header::ALLOW, HeaderValue::from_static("GET, POST, OPTIONS"))],
+            GatewayError::MethodNotAllowed => vec![(
+                http::header::ALLOW,
+                HeaderValue::from_static("GET, POST, OPTIONS"),
+            )],
             _ => Vec::new(),
         }
     }
@@ -117,7 +124,10 @@ impl GatewayError {
             });
             ("application/problem+json", Bytes::from(problem.to_string()))
         } else {
-            ("text/html; charset=utf-8", Bytes::from(html_page(status, &detail)))
+            (
+                "text/html; charset=utf-8",
+                Bytes::from(html_page(status, &detail)),
+            )
         };
         let mut response = Response::new(full(body));
         *response.status_mut() = status;
@@ -150,12 +160,17 @@ pub fn wants_json(headers: &HeaderMap) -> bool {
         .flat_map(|v| v.split(','))
         .any(|item| {
             let media = item.split(';').next().unwrap_or("").trim();
-            media.eq_ignore_ascii_case("application/json") || media.eq_ignore_ascii_case("application/problem+json")
+            media.eq_ignore_ascii_case("application/json")
+                || media.eq_ignore_ascii_case("application/problem+json")
         })
 }
 
 fn html_page(status: StatusCode, detail: &str) -> String {
-    let title = format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or("Error"));
+    let title = format!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("Error")
+    );
     format!(
         "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{t}</title></head>\
          <body><h1>{t}</h1><p>{d}</p></body></html>\n",
@@ -193,7 +208,8 @@ mod tests {
 
     #[tokio::test]
     async fn problem_json_when_accepted() {
-        let r = GatewayError::UpstreamTimeout.into_response(&accept("text/html;q=0.5, application/json"));
+        let r = GatewayError::UpstreamTimeout
+            .into_response(&accept("text/html;q=0.5, application/json"));
         assert_eq!(r.status(), 504);
         assert_eq!(r.headers()[CONTENT_TYPE], "application/problem+json");
         let body = r.into_body().collect().await.unwrap().to_bytes();
@@ -204,7 +220,8 @@ mod tests {
 
     #[tokio::test]
     async fn html_escapes_detail() {
-        let r = GatewayError::BadRequest("address: <script>".into()).into_response(&HeaderMap::new());
+        let r =
+            GatewayError::BadRequest("address: <script>".into()).into_response(&HeaderMap::new());
         assert_eq!(r.status(), 400);
         let body = r.into_body().collect().await.unwrap().to_bytes();
         let text = String::from_utf8(body.to_vec()).unwrap();

@@ -16,8 +16,8 @@
 
 pub mod admin;
 pub mod body;
-pub mod cli_mint;
 pub mod cdp;
+pub mod cli_mint;
 pub mod client_ip;
 pub mod config;
 pub mod error;

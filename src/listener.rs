@@ -61,7 +61,11 @@ pub fn http_builder(settings: &HttpSettings) -> auto::Builder<TokioExecutor> {
 
 /// Handles one request on a connection.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, req: Request<Incoming>, conn: Arc<ConnInfo>) -> impl Future<Output = Response<ResponseBody>> + Send;
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> impl Future<Output = Response<ResponseBody>> + Send;
 }
 
 /// Accepts connections until `stop` fires, then returns (the listener is dropped,
@@ -225,7 +229,11 @@ struct ActivityIo<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
@@ -236,7 +244,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();

@@ -71,7 +71,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("onramp_gateway");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("requests", "HTTP requests answered, by route and status", requests.clone());
+        registry.register(
+            "requests",
+            "HTTP requests answered, by route and status",
+            requests.clone(),
+        );
         let connections_active = Gauge::default();
         registry.register(
             "connections_active",
@@ -139,15 +143,21 @@ impl Metrics {
     }
 
     pub fn count_request(&self, route: Route, status: u16) {
-        self.requests.get_or_create(&RequestLabels { route, status }).inc();
+        self.requests
+            .get_or_create(&RequestLabels { route, status })
+            .inc();
     }
 
     pub fn count_mint(&self, kind: Route, result: &'static str) {
-        self.token_mints.get_or_create(&MintLabels { kind, result }).inc();
+        self.token_mints
+            .get_or_create(&MintLabels { kind, result })
+            .inc();
     }
 
     pub fn count_handshake_failure(&self, reason: &'static str) {
-        self.tls_handshake_failures.get_or_create(&ReasonLabels { reason }).inc();
+        self.tls_handshake_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// Prometheus text exposition format.

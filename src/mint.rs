@@ -79,14 +79,23 @@ impl Minter {
         }
     }
 
-    pub async fn handle(&self, req: Request<Incoming>, route: Route, client: ClientIp) -> Response<ResponseBody> {
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        route: Route,
+        client: ClientIp,
+    ) -> Response<ResponseBody> {
         let host = req
             .headers()
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .or_else(|| req.uri().authority().map(|a| a.as_str()))
             .map(str::to_string);
-        let origin = decide_origin(req.headers(), host.as_deref(), &self.settings.config.cors.allowed_origins);
+        let origin = decide_origin(
+            req.headers(),
+            host.as_deref(),
+            &self.settings.config.cors.allowed_origins,
+        );
         let request_headers = req.headers().clone();
         let mut response = match self.mint(req, route, client, &origin).await {
             Ok(r) => {
@@ -104,7 +113,10 @@ impl Minter {
         // Answers depend on Origin; caches must key on it. Tokens are single-use.
         headers.append(header::VARY, HeaderValue::from_static("Origin"));
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+        headers.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        );
         if let OriginDecision::Allowed(origin) = origin {
             headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
             headers.insert(
@@ -122,7 +134,11 @@ impl Minter {
         client: ClientIp,
         origin: &OriginDecision,
     ) -> Result<Response<ResponseBody>, GatewayError> {
-        let flow = if route == Route::offramp { Flow::Offramp } else { Flow::Onramp };
+        let flow = if route == Route::offramp {
+            Flow::Offramp
+        } else {
+            Flow::Onramp
+        };
         if matches!(origin, OriginDecision::Denied) {
             return Err(GatewayError::OriginNotAllowed);
         }
@@ -161,7 +177,9 @@ impl Minter {
             .await
         {
             Ok((token, took)) => {
-                self.metrics.cdp_request_duration.observe(took.as_secs_f64());
+                self.metrics
+                    .cdp_request_duration
+                    .observe(took.as_secs_f64());
                 token
             }
             Err(e) => return Err(self.cdp_failure(e)),
@@ -231,15 +249,18 @@ impl Minter {
             CdpError::Rejected { status, message } => {
                 tracing::warn!(cdp_status = status, cdp_message = %message, "CDP API refused the token request");
             }
-            other => tracing::warn!(error = %other, kind = other.kind(), "CDP token request failed"),
+            other => {
+                tracing::warn!(error = %other, kind = other.kind(), "CDP token request failed")
+            }
         }
         match e {
             CdpError::Timeout(_) => GatewayError::CdpTimeout,
             CdpError::RateLimited { retry_after } => GatewayError::CdpRateLimited { retry_after },
             CdpError::Rejected { .. } => GatewayError::CdpRejected,
-            CdpError::Unreachable(_) | CdpError::ServerError { .. } | CdpError::BadResponse(_) | CdpError::Jwt(_) => {
-                GatewayError::CdpUnavailable
-            }
+            CdpError::Unreachable(_)
+            | CdpError::ServerError { .. }
+            | CdpError::BadResponse(_)
+            | CdpError::Jwt(_) => GatewayError::CdpUnavailable,
         }
     }
 }
@@ -280,12 +301,18 @@ fn preflight(origin: &OriginDecision) -> Result<Response<ResponseBody>, GatewayE
             let mut r = Response::new(full(Bytes::new()));
             *r.status_mut() = StatusCode::NO_CONTENT;
             let h = r.headers_mut();
-            h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST"));
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET, POST"),
+            );
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_HEADERS,
                 HeaderValue::from_static("Content-Type, Authorization"),
             );
-            h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+            h.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static("600"),
+            );
             Ok(r)
         }
         // A preflight without a listed Origin is not a CORS request we serve.
@@ -294,7 +321,10 @@ fn preflight(origin: &OriginDecision) -> Result<Response<ResponseBody>, GatewayE
 }
 
 /// Reads the query or the (size-capped) body, and decides the answer's shape.
-async fn read_input(parts: &http::request::Parts, body: Incoming) -> Result<(Input, Answer), GatewayError> {
+async fn read_input(
+    parts: &http::request::Parts,
+    body: Incoming,
+) -> Result<(Input, Answer), GatewayError> {
     if parts.method == Method::GET {
         let query = parts.uri.query().unwrap_or("").to_string();
         return Ok((Input::Query(query), Answer::Redirect302));
@@ -303,7 +333,13 @@ async fn read_input(parts: &http::request::Parts, body: Incoming) -> Result<(Inp
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
         .unwrap_or_default();
     let is_json = content_type == "application/json";
     if !is_json && content_type != "application/x-www-form-urlencoded" {
@@ -318,10 +354,20 @@ async fn read_input(parts: &http::request::Parts, body: Incoming) -> Result<(Inp
     {
         return Err(GatewayError::PayloadTooLarge);
     }
-    let collected = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, MAX_BODY_BYTES).collect()).await;
+    let collected = tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        Limited::new(body, MAX_BODY_BYTES).collect(),
+    )
+    .await;
     let bytes = match collected {
-        Err(_) => return Err(GatewayError::BadRequest("body: not received in time".into())),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(GatewayError::PayloadTooLarge),
+        Err(_) => {
+            return Err(GatewayError::BadRequest(
+                "body: not received in time".into(),
+            ))
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(GatewayError::PayloadTooLarge)
+        }
         Ok(Err(_)) => return Err(GatewayError::BadRequest("body: could not be read".into())),
         Ok(Ok(c)) => c.to_bytes(),
     };
@@ -351,15 +397,21 @@ fn validation_error(e: request::ValidationError) -> GatewayError {
     }
 }
 
-fn answer_with(answer: Answer, token: &str, location: &str) -> Result<Response<ResponseBody>, GatewayError> {
+fn answer_with(
+    answer: Answer,
+    token: &str,
+    location: &str,
+) -> Result<Response<ResponseBody>, GatewayError> {
     let location_value =
         HeaderValue::from_str(location).map_err(|_| GatewayError::CdpUnavailable)?;
     let mut r = match answer {
         Answer::Json => {
             let body = serde_json::json!({ "sessionToken": token, "url": location });
             let mut r = Response::new(full(body.to_string()));
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             r
         }
         Answer::Redirect302 | Answer::Redirect303 => {
@@ -404,17 +456,28 @@ impl ContextClient {
             .authority()
             .map_or("127.0.0.1:3000", |a| a.as_str())
             .to_string();
-        let url = format!("http://{authority}{}", settings.config.addresses.context_path)
-            .parse()
-            .unwrap_or_else(|_| http::Uri::from_static("http://127.0.0.1:3000/.well-known/onramp-context"));
+        let url = format!(
+            "http://{authority}{}",
+            settings.config.addresses.context_path
+        )
+        .parse()
+        .unwrap_or_else(|_| {
+            http::Uri::from_static("http://127.0.0.1:3000/.well-known/onramp-context")
+        });
         Self {
             client,
             url,
-            timeout: settings.upstream_response_timeout().min(Duration::from_secs(10)),
+            timeout: settings
+                .upstream_response_timeout()
+                .min(Duration::from_secs(10)),
         }
     }
 
-    async fn fetch(&self, browser: &HeaderMap, client_ip: IpAddr) -> Result<ContextAnswer, GatewayError> {
+    async fn fetch(
+        &self,
+        browser: &HeaderMap,
+        client_ip: IpAddr,
+    ) -> Result<ContextAnswer, GatewayError> {
         let mut req = Request::new(Empty::<Bytes>::new());
         *req.uri_mut() = self.url.clone();
         let h = req.headers_mut();
@@ -427,7 +490,10 @@ impl ContextClient {
         if let Ok(v) = HeaderValue::from_str(&client_ip.to_string()) {
             h.insert(HeaderName::from_static("x-forwarded-for"), v);
         }
-        h.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("https"));
+        h.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static("https"),
+        );
 
         let response = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
             Err(_) => {
@@ -441,13 +507,23 @@ impl ContextClient {
             Ok(Ok(r)) => r,
         };
         let status = response.status();
-        let relay = status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN || status.is_redirection();
+        let relay = status == StatusCode::UNAUTHORIZED
+            || status == StatusCode::FORBIDDEN
+            || status.is_redirection();
         if !status.is_success() && !relay {
-            tracing::warn!(status = status.as_u16(), "onramp context: unexpected status from the app");
+            tracing::warn!(
+                status = status.as_u16(),
+                "onramp context: unexpected status from the app"
+            );
             return Err(GatewayError::ContextUnavailable);
         }
         let (mut parts, body) = response.into_parts();
-        let bytes = match tokio::time::timeout(self.timeout, Limited::new(body, MAX_CONTEXT_BYTES).collect()).await {
+        let bytes = match tokio::time::timeout(
+            self.timeout,
+            Limited::new(body, MAX_CONTEXT_BYTES).collect(),
+        )
+        .await
+        {
             Ok(Ok(c)) => c.to_bytes(),
             _ => {
                 tracing::warn!("onramp context: answer unreadable, too slow or larger than 64 KiB");
@@ -462,7 +538,10 @@ impl ContextClient {
             return Ok(ContextAnswer::Relay(r));
         }
         if status != StatusCode::OK {
-            tracing::warn!(status = status.as_u16(), "onramp context: expected 200 with JSON");
+            tracing::warn!(
+                status = status.as_u16(),
+                "onramp context: expected 200 with JSON"
+            );
             return Err(GatewayError::ContextUnavailable);
         }
         Ok(ContextAnswer::Json(bytes))
@@ -476,7 +555,10 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         h
     }
@@ -484,18 +566,40 @@ mod tests {
     #[test]
     fn origin_rules() {
         let allowed = vec!["https://app.example".to_string()];
-        let d = |h: &[(&str, &str)], host: Option<&str>, allowed: &[String]| decide_origin(&headers(h), host, allowed);
-        assert!(matches!(d(&[], None, &allowed), OriginDecision::SameOrAbsent));
-        assert!(matches!(d(&[("origin", "https://app.example")], None, &allowed), OriginDecision::Allowed(_)));
+        let d = |h: &[(&str, &str)], host: Option<&str>, allowed: &[String]| {
+            decide_origin(&headers(h), host, allowed)
+        };
         assert!(matches!(
-            d(&[("origin", "https://app.example.evil.net")], None, &allowed),
-            OriginDecision::Denied
-        ));
-        assert!(matches!(d(&[("origin", "null")], None, &allowed), OriginDecision::Denied));
-        assert!(matches!(
-            d(&[("origin", "https://gw.example:8443")], Some("gw.example:8443"), &[]),
+            d(&[], None, &allowed),
             OriginDecision::SameOrAbsent
         ));
-        assert!(matches!(d(&[("origin", "http://gw.example")], Some("gw.example"), &[]), OriginDecision::Denied));
+        assert!(matches!(
+            d(&[("origin", "https://app.example")], None, &allowed),
+            OriginDecision::Allowed(_)
+        ));
+        assert!(matches!(
+            d(
+                &[("origin", "https://app.example.evil.net")],
+                None,
+                &allowed
+            ),
+            OriginDecision::Denied
+        ));
+        assert!(matches!(
+            d(&[("origin", "null")], None, &allowed),
+            OriginDecision::Denied
+        ));
+        assert!(matches!(
+            d(
+                &[("origin", "https://gw.example:8443")],
+                Some("gw.example:8443"),
+                &[]
+            ),
+            OriginDecision::SameOrAbsent
+        ));
+        assert!(matches!(
+            d(&[("origin", "http://gw.example")], Some("gw.example"), &[]),
+            OriginDecision::Denied
+        ));
     }
 }

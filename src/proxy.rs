@@ -55,7 +55,12 @@ pub struct Forwarded {
 }
 
 impl Proxy {
-    pub fn new(upstream: &Uri, connect_timeout: Duration, response_timeout: Duration, tunnels: TaskTracker) -> Self {
+    pub fn new(
+        upstream: &Uri,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+        tunnels: TaskTracker,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
@@ -98,7 +103,8 @@ impl Proxy {
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
         parts.path_and_query = Some(path_and_query);
-        *req.uri_mut() = Uri::from_parts(parts).map_err(|_| GatewayError::BadRequest("invalid request target".into()))?;
+        *req.uri_mut() = Uri::from_parts(parts)
+            .map_err(|_| GatewayError::BadRequest("invalid request target".into()))?;
         // HTTP/2 clients reach an HTTP/1.1 upstream.
         *req.version_mut() = Version::HTTP_11;
 
@@ -134,7 +140,10 @@ impl Proxy {
                         Ok((client_io, upstream_io)) => {
                             let mut client_io = TokioIo::new(client_io);
                             let mut upstream_io = TokioIo::new(upstream_io);
-                            if let Err(e) = tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io).await {
+                            if let Err(e) =
+                                tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io)
+                                    .await
+                            {
                                 tracing::debug!(error = %e, "upgraded tunnel closed with an error");
                             }
                         }
@@ -222,7 +231,12 @@ fn original_host<B>(req: &Request<B>) -> Option<HeaderValue> {
 /// `X-Forwarded-For`, `-Proto`, `-Host`. Client-sent forwarding headers are dropped,
 /// unless the peer is a trusted proxy, whose `X-Forwarded-For` chain is kept and
 /// extended with the peer (what nginx's `$proxy_add_x_forwarded_for` does).
-fn set_forwarding_headers(headers: &mut HeaderMap, client: ClientIp, peer: IpAddr, host: Option<&HeaderValue>) {
+fn set_forwarding_headers(
+    headers: &mut HeaderMap,
+    client: ClientIp,
+    peer: IpAddr,
+    host: Option<&HeaderValue>,
+) {
     headers.remove(X_REAL_IP);
     headers.remove(FORWARDED);
     headers.remove(X_FORWARDED_PROTO);
@@ -262,7 +276,10 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, "keep-alive, X-Secret-Hop".parse().unwrap());
+        h.insert(
+            header::CONNECTION,
+            "keep-alive, X-Secret-Hop".parse().unwrap(),
+        );
         h.insert("x-secret-hop", "1".parse().unwrap());
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert(header::TE, "trailers".parse().unwrap());
@@ -283,7 +300,12 @@ mod tests {
             ip: "203.0.113.5".parse().unwrap(),
             peer_trusted: false,
         };
-        set_forwarding_headers(&mut h, client, client.ip, Some(&HeaderValue::from_static("app.example")));
+        set_forwarding_headers(
+            &mut h,
+            client,
+            client.ip,
+            Some(&HeaderValue::from_static("app.example")),
+        );
         assert_eq!(h["x-forwarded-for"], "203.0.113.5");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "app.example");

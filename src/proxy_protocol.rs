@@ -60,10 +60,13 @@ pub async fn accept(
         allow_v1: true,
         allow_v2: true,
     };
-    let proxied = tokio::time::timeout(HEADER_TIMEOUT, ProxiedStream::create_from_tokio(stream, config))
-        .await
-        .map_err(|_| ProxyProtocolError::Timeout(HEADER_TIMEOUT))?
-        .map_err(ProxyProtocolError::Invalid)?;
+    let proxied = tokio::time::timeout(
+        HEADER_TIMEOUT,
+        ProxiedStream::create_from_tokio(stream, config),
+    )
+    .await
+    .map_err(|_| ProxyProtocolError::Timeout(HEADER_TIMEOUT))?
+    .map_err(ProxyProtocolError::Invalid)?;
     let client = match proxied.proxy_header().proxied_address() {
         None => peer,
         Some(a) if a.protocol == Protocol::Stream => a.source,

@@ -28,7 +28,12 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(settings: &Settings, metrics: Arc<Metrics>, proxy: Proxy, minter: Option<Minter>) -> Self {
+    pub fn new(
+        settings: &Settings,
+        metrics: Arc<Metrics>,
+        proxy: Proxy,
+        minter: Option<Minter>,
+    ) -> Self {
         Self {
             metrics,
             proxy,
@@ -50,7 +55,13 @@ impl App {
         }
     }
 
-    async fn dispatch(&self, req: Request<Incoming>, route: Route, client: ClientIp, conn: &ConnInfo) -> Response<ResponseBody> {
+    async fn dispatch(
+        &self,
+        req: Request<Incoming>,
+        route: Route,
+        client: ClientIp,
+        conn: &ConnInfo,
+    ) -> Response<ResponseBody> {
         if header_bytes(&req) > self.max_header_bytes {
             return GatewayError::HeadersTooLarge.into_response(req.headers());
         }
@@ -70,7 +81,8 @@ impl App {
             Route::onramp | Route::offramp => match &self.minter {
                 Some(minter) => minter.handle(req, route, client).await,
                 None => {
-                    self.metrics.count_mint(route, GatewayError::MintingNotConfigured.kind());
+                    self.metrics
+                        .count_mint(route, GatewayError::MintingNotConfigured.kind());
                     GatewayError::MintingNotConfigured.into_response(req.headers())
                 }
             },
@@ -105,8 +117,10 @@ impl Handler for App {
 /// Size of the request head as the client sent it (HTTP/1.1 wire form): the limit
 /// `max_header_bytes` applies to exactly this, for HTTP/1.1 and HTTP/2 alike.
 fn header_bytes<B>(req: &Request<B>) -> usize {
-    let line = req.method().as_str().len() + req.uri().path_and_query().map_or(1, |p| p.as_str().len()) + 12;
-    req.headers()
-        .iter()
-        .fold(line, |acc, (name, value)| acc + name.as_str().len() + value.len() + 4)
+    let line = req.method().as_str().len()
+        + req.uri().path_and_query().map_or(1, |p| p.as_str().len())
+        + 12;
+    req.headers().iter().fold(line, |acc, (name, value)| {
+        acc + name.as_str().len() + value.len() + 4
+    })
 }

@@ -134,7 +134,11 @@ impl CdpClient {
         }
     }
 
-    async fn exchange(&self, jwt: String, body: &TokenRequestBody<'_>) -> Result<SessionToken, CdpError> {
+    async fn exchange(
+        &self,
+        jwt: String,
+        body: &TokenRequestBody<'_>,
+    ) -> Result<SessionToken, CdpError> {
         let response = self
             .http
             .post(self.token_url.clone())
@@ -179,8 +183,14 @@ fn transport_error(e: reqwest::Error, timeout: Duration) -> CdpError {
 
 /// Reads the body chunk by chunk and gives up past [`MAX_RESPONSE_BYTES`], so a
 /// misbehaving or hostile endpoint cannot make the gateway buffer megabytes.
-async fn read_capped(mut response: reqwest::Response, timeout: Duration) -> Result<Vec<u8>, CdpError> {
-    if response.content_length().is_some_and(|n| n > MAX_RESPONSE_BYTES as u64) {
+async fn read_capped(
+    mut response: reqwest::Response,
+    timeout: Duration,
+) -> Result<Vec<u8>, CdpError> {
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_RESPONSE_BYTES as u64)
+    {
         return Err(CdpError::BadResponse("answer larger than 64 KiB".into()));
     }
     let mut out = Vec::new();
@@ -203,10 +213,12 @@ fn parse_token(bytes: &[u8]) -> Result<SessionToken, CdpError> {
     struct TokenResponse {
         token: Option<String>,
     }
-    let parsed: TokenResponse =
-        serde_json::from_slice(bytes).map_err(|_| CdpError::BadResponse("not a JSON token response".into()))?;
+    let parsed: TokenResponse = serde_json::from_slice(bytes)
+        .map_err(|_| CdpError::BadResponse("not a JSON token response".into()))?;
     match parsed.token {
-        Some(t) if !t.is_empty() && t.len() <= 4096 && t.bytes().all(|b| b.is_ascii_graphic()) => Ok(SessionToken(t)),
+        Some(t) if !t.is_empty() && t.len() <= 4096 && t.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(SessionToken(t))
+        }
         Some(_) => Err(CdpError::BadResponse("token has an unexpected form".into())),
         None => Err(CdpError::BadResponse("no token in the answer".into())),
     }
@@ -216,7 +228,11 @@ fn parse_token(bytes: &[u8]) -> Result<SessionToken, CdpError> {
 fn error_message(bytes: &[u8]) -> String {
     let message = serde_json::from_slice::<serde_json::Value>(bytes)
         .ok()
-        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_string))
+        .and_then(|v| {
+            v.get("message")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| "(no message)".to_string());
     message
         .chars()
@@ -250,21 +266,34 @@ mod tests {
             assets: &assets,
             client_ip: "192.0.2.1".into(),
         };
-        assert!(serde_json::to_string(&body).unwrap().contains(r#""assets":["USDC"]"#));
+        assert!(serde_json::to_string(&body)
+            .unwrap()
+            .contains(r#""assets":["USDC"]"#));
     }
 
     #[test]
     fn token_parsing() {
-        assert_eq!(parse_token(br#"{"token":"abc","channel_id":""}"#).unwrap().expose(), "abc");
+        assert_eq!(
+            parse_token(br#"{"token":"abc","channel_id":""}"#)
+                .unwrap()
+                .expose(),
+            "abc"
+        );
         assert!(parse_token(br#"{"channelId":""}"#).is_err());
         assert!(parse_token(b"<html>").is_err());
         assert!(parse_token(br#"{"token":"a b"}"#).is_err());
-        assert_eq!(format!("{:?}", SessionToken("secret".into())), "SessionToken(<redacted>)");
+        assert_eq!(
+            format!("{:?}", SessionToken("secret".into())),
+            "SessionToken(<redacted>)"
+        );
     }
 
     #[test]
     fn error_message_is_bounded_and_clean() {
-        assert_eq!(error_message(br#"{"code":3,"message":"invalid\naddress"}"#), "invalidaddress");
+        assert_eq!(
+            error_message(br#"{"code":3,"message":"invalid\naddress"}"#),
+            "invalidaddress"
+        );
         assert_eq!(error_message(b"garbage"), "(no message)");
         let long = format!(r#"{{"message":"{}"}}"#, "x".repeat(1000));
         assert_eq!(error_message(long.as_bytes()).len(), 300);
