@@ -4,6 +4,8 @@
 mod common;
 
 mod jwt_crosscheck;
+mod load_balancer;
+mod minting;
 mod proxy;
 mod startup;
 mod tls_listener;
