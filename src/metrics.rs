@@ -59,6 +59,7 @@ pub struct Metrics {
     pub upstream_request_duration: Histogram,
     pub rate_limited: Counter,
     pub rate_limiter_errors: Counter,
+    pub tls_cert_not_after: Gauge,
 }
 
 impl Default for Metrics {
@@ -128,8 +129,16 @@ impl Metrics {
             "Rate-limiter backend errors (the on_backend_error policy was applied)",
             rate_limiter_errors.clone(),
         );
+        let tls_cert_not_after = Gauge::default();
+        registry.register_with_unit(
+            "tls_cert_not_after",
+            "notAfter of the served certificate, seconds since the Unix epoch (alert well before it)",
+            Unit::Seconds,
+            tls_cert_not_after.clone(),
+        );
         Self {
             registry,
+            tls_cert_not_after,
             requests,
             connections_active,
             connections_accepted,

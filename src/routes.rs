@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response};
 use hyper::body::Incoming;
 
@@ -91,13 +92,23 @@ impl App {
 }
 
 impl Handler for App {
-    async fn handle(&self, req: Request<Incoming>, conn: Arc<ConnInfo>) -> Response<ResponseBody> {
+    async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> Response<ResponseBody> {
         let started = Instant::now();
         let method = req.method().clone();
         let uri = req.uri().clone();
         let client = self.ip_policy.resolve(&conn, req.headers());
         let route = self.route_of(uri.path());
-        let response = self.dispatch(req, route, client, &conn).await;
+        let request_id = request_id(req.headers(), client.peer_trusted);
+        // The app sees the same id as our access log (and the client, in the answer).
+        req.headers_mut().insert(X_REQUEST_ID, request_id.clone());
+        let mut response = self.dispatch(req, route, client, &conn).await;
+        response
+            .headers_mut()
+            .insert(X_REQUEST_ID, request_id.clone());
         let status = response.status().as_u16();
         self.metrics.count_request(route, status);
         tracing::info!(
@@ -108,10 +119,32 @@ impl Handler for App {
             duration_ms = started.elapsed().as_secs_f64() * 1000.0,
             client_ip = %client.ip,
             route = route.as_str(),
+            request_id = request_id.to_str().unwrap_or(""),
             "request"
         );
         response
     }
+}
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The request id: the one a trusted proxy already assigned (if well-formed), else a
+/// fresh random 128-bit hex id. A client-chosen id from an untrusted peer is replaced,
+/// so nobody can forge or collide ids in the app's logs.
+fn request_id(headers: &http::HeaderMap, peer_trusted: bool) -> HeaderValue {
+    if peer_trusted {
+        if let Some(v) = headers.get(&X_REQUEST_ID) {
+            let ok = (1..=128).contains(&v.len())
+                && v.as_bytes()
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b));
+            if ok {
+                return v.clone();
+            }
+        }
+    }
+    let id = format!("{:032x}", rand::random::<u128>());
+    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// Size of the request head as the client sent it (HTTP/1.1 wire form): the limit
@@ -123,4 +156,22 @@ fn header_bytes<B>(req: &Request<B>) -> usize {
     req.headers().iter().fold(line, |acc, (name, value)| {
         acc + name.as_str().len() + value.len() + 4
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids() {
+        let mut h = http::HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h, true), "abc-123");
+        let fresh = request_id(&h, false);
+        assert_ne!(fresh, "abc-123");
+        assert_eq!(fresh.len(), 32);
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("bad id<script>"));
+        assert_ne!(request_id(&h, true), "bad id<script>");
+        assert_ne!(request_id(&http::HeaderMap::new(), false), fresh);
+    }
 }

@@ -62,6 +62,25 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         certs,
         cdp_key,
     } = prepared;
+    let c = &settings.config;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %settings.config_file.display(),
+        listen = %settings.listen,
+        upstream = %settings.upstream,
+        cdp_api_base = %settings.cdp_api_base,
+        cdp_key_id = cdp_key.as_ref().map_or("none", |k| k.id()),
+        onramp_path = %c.onramp.path,
+        offramp_path = %c.offramp.path,
+        address_source = ?c.addresses.source,
+        rate_limit_rpm = c.rate_limit.requests_per_minute,
+        rate_limit_burst = c.rate_limit.burst,
+        rate_limit_backend = ?c.rate_limit.backend,
+        proxy_protocol = ?c.server.proxy_protocol,
+        trusted_proxies = settings.trusted_proxies.len(),
+        cors_origins = c.cors.allowed_origins.len(),
+        "starting onramp-gateway"
+    );
     let metrics = Arc::new(Metrics::new());
     let connections = TaskTracker::new();
     let stop_accepting = CancellationToken::new();
@@ -126,6 +145,14 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let builder = Arc::new(http_builder(&http_settings));
     let limit = Arc::new(Semaphore::new(settings.config.server.max_connections));
     let acceptor = TlsAcceptor::from(tls::server_config(certs.clone())?);
+    {
+        let metrics = metrics.clone();
+        certs.observe(Box::new(move |key| {
+            if let Some(t) = tls::not_after(key) {
+                metrics.tls_cert_not_after.set(t);
+            }
+        }));
+    }
     let _cert_watch = tls::spawn_file_watch(certs.clone());
 
     let accepting = TaskTracker::new();

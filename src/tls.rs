@@ -155,11 +155,22 @@ impl CertSource {
     }
 }
 
+/// Told about every certificate that goes live (metrics: expiry time).
+pub type CertObserver = Box<dyn Fn(&CertifiedKey) + Send + Sync>;
+
 /// The certificate every new handshake gets; swapped atomically on reload.
-#[derive(Debug)]
 pub struct CertStore {
     source: CertSource,
     current: ArcSwap<CertifiedKey>,
+    observer: std::sync::OnceLock<CertObserver>,
+}
+
+impl std::fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertStore")
+            .field("source", &self.source)
+            .finish()
+    }
 }
 
 impl CertStore {
@@ -168,14 +179,24 @@ impl CertStore {
         Ok(Arc::new(Self {
             source,
             current: ArcSwap::from_pointee(first),
+            observer: std::sync::OnceLock::new(),
         }))
     }
 
     /// Re-reads the files. On error the current certificate stays in use.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let fresh = self.source.load()?;
-        self.current.store(Arc::new(fresh));
+        let fresh = Arc::new(self.source.load()?);
+        self.current.store(fresh.clone());
+        if let Some(observe) = self.observer.get() {
+            observe(&fresh);
+        }
         Ok(())
+    }
+
+    /// Registers the observer and tells it about the current certificate.
+    pub fn observe(&self, observer: CertObserver) {
+        observer(&self.current.load_full());
+        let _ = self.observer.set(observer);
     }
 
     pub fn source(&self) -> &CertSource {
@@ -244,6 +265,13 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
+/// The leaf certificate's notAfter, in seconds since the Unix epoch.
+pub fn not_after(key: &CertifiedKey) -> Option<i64> {
+    let leaf = key.cert.first()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp())
+}
+
 /// TLS 1.2 and 1.3 only, ALPN `h2` then `http/1.1`.
 pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
@@ -266,6 +294,13 @@ mod tests {
             cfg.alpn_protocols,
             vec![b"h2".to_vec(), b"http/1.1".to_vec()]
         );
+    }
+
+    #[test]
+    fn expiry_is_read_from_the_leaf() {
+        let store = CertStore::load(CertSource::SelfSigned).unwrap();
+        let t = not_after(&store.current()).expect("parsable");
+        assert!(t > 1_700_000_000, "{t}");
     }
 
     #[test]
