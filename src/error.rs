@@ -113,9 +113,14 @@ impl GatewayError {
 
     /// Renders the error for a client that sent `request_headers`.
     pub fn into_response(self, request_headers: &HeaderMap) -> Response<ResponseBody> {
+        self.into_response_as(wants_json(request_headers))
+    }
+
+    /// Renders the error as problem+json (`json`) or a small HTML page.
+    pub fn into_response_as(self, json: bool) -> Response<ResponseBody> {
         let status = self.status();
         let detail = self.to_string();
-        let (content_type, body) = if wants_json(request_headers) {
+        let (content_type, body) = if json {
             let problem = serde_json::json!({
                 "type": format!("urn:onramp-gateway:error:{}", self.kind()),
                 "title": status.canonical_reason().unwrap_or("Error"),

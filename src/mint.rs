@@ -96,7 +96,7 @@ impl Minter {
             host.as_deref(),
             &self.settings.config.cors.allowed_origins,
         );
-        let request_headers = req.headers().clone();
+        let json = crate::error::wants_json(req.headers());
         let mut response = match self.mint(req, route, client, &origin).await {
             Ok(r) => {
                 self.metrics.count_mint(route, "ok");
@@ -106,7 +106,7 @@ impl Minter {
                 if !matches!(e, GatewayError::MethodNotAllowed) {
                     self.metrics.count_mint(route, e.kind());
                 }
-                e.into_response(&request_headers)
+                e.into_response_as(json)
             }
         };
         let headers = response.headers_mut();

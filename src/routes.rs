@@ -68,7 +68,8 @@ impl App {
         }
         match route {
             Route::proxy => {
-                let request_headers = req.headers().clone();
+                // Only what error rendering needs: no copy of the whole header map per request.
+                let json = crate::error::wants_json(req.headers());
                 match self.proxy.forward(req, client, conn.peer.ip()).await {
                     Ok(forwarded) => {
                         self.metrics
@@ -76,7 +77,7 @@ impl App {
                             .observe(forwarded.upstream_time.as_secs_f64());
                         forwarded.response.map(body::streamed)
                     }
-                    Err(e) => e.into_response(&request_headers),
+                    Err(e) => e.into_response_as(json),
                 }
             }
             Route::onramp | Route::offramp => match &self.minter {
