@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod context_app;
 pub mod fake_cdp;
 pub mod gateway;
 pub mod upstream;
