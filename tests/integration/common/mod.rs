@@ -5,4 +5,5 @@ pub mod certs;
 pub mod context_app;
 pub mod fake_cdp;
 pub mod gateway;
+pub mod redis;
 pub mod upstream;
