@@ -3,9 +3,12 @@
 
 mod common;
 
+mod browser;
+mod deploy_manifests;
 mod jwt_crosscheck;
 mod load_balancer;
 mod minting;
+mod operations;
 mod proxy;
 mod startup;
 mod tls_listener;
