@@ -1,6 +1,7 @@
 //! Shared fixtures for the integration tests.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod certs;
 pub mod context_app;
 pub mod fake_cdp;
