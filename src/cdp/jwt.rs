@@ -8,16 +8,20 @@
 //! ```
 //!
 //! The token is bound to one method + host + path and lives two minutes, so a fresh one is
-//! built for every call. Differences from individual SDKs, all deliberate: the nonce is hex
+//! built for every call. The header is `jsonwebtoken::Header` serialized by serde, as
+//! `jsonwebtoken::encode` would; the compact JWS is assembled here rather than by `encode` so
+//! the signature comes from the key pair parsed once at load (see `key.rs` for the numbers). Differences from individual SDKs, all deliberate: the nonce is hex
 //! like TS/Go (Python uses 16 decimal digits); `iat` is sent like TS/Go (Python omits it); no
 //! `aud` (Python writes `"aud": null`, TS/Go/Rust omit it).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 use jsonwebtoken::Header;
 use serde::Serialize;
 
-use super::key::CdpKey;
+use super::key::{CdpKey, SignError};
 
 /// JWT lifetime, the SDKs' default and what Coinbase documents ("expires after 2 minutes").
 pub const JWT_LIFETIME_SECS: u64 = 120;
@@ -30,8 +34,10 @@ const NONCE_BYTES: usize = 16;
 pub enum JwtError {
     #[error("the system random number generator failed while making a JWT nonce")]
     Random,
+    #[error("serializing the CDP JWT failed: {0}")]
+    Serialize(#[source] serde_json::Error),
     #[error("signing the CDP JWT failed: {0}")]
-    Sign(#[source] jsonwebtoken::errors::Error),
+    Sign(#[from] SignError),
 }
 
 #[derive(Serialize)]
@@ -82,7 +88,19 @@ pub fn build_jwt(
         exp: now_unix.saturating_add(JWT_LIFETIME_SECS),
         uris: [request_uri(method, url)],
     };
-    jsonwebtoken::encode(&header, &claims, key.encoding_key()).map_err(JwtError::Sign)
+    let header = serde_json::to_vec(&header).map_err(JwtError::Serialize)?;
+    let claims = serde_json::to_vec(&claims).map_err(JwtError::Serialize)?;
+
+    // Compact JWS (RFC 7515 §7.1): b64url(header) "." b64url(claims) "." b64url(signature),
+    // unpadded; the signature covers the first two parts as ASCII.
+    let mut jws = String::with_capacity((header.len() + claims.len() + 64) * 4 / 3 + 8);
+    URL_SAFE_NO_PAD.encode_string(&header, &mut jws);
+    jws.push('.');
+    URL_SAFE_NO_PAD.encode_string(&claims, &mut jws);
+    let signature = key.sign(jws.as_bytes())?;
+    jws.push('.');
+    URL_SAFE_NO_PAD.encode_string(&signature, &mut jws);
+    Ok(jws)
 }
 
 /// Seconds since the Unix epoch, for `build_jwt`'s `now_unix`. A clock before 1970 reads as 0
@@ -115,8 +133,7 @@ mod tests {
     use aws_lc_rs::signature::{
         EcdsaKeyPair, Ed25519KeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING,
     };
-    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
     use jsonwebtoken::{Algorithm, DecodingKey, Validation};
     use std::collections::HashSet;
 
