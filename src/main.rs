@@ -74,7 +74,7 @@ fn prepare(settings: Settings) -> Result<Prepared, String> {
     };
     let certs = CertStore::load(source).map_err(|e| e.to_string())?;
     let cdp_key = match &settings.cdp_key_file {
-        Some(path) => Some(CdpKey::from_key_file(path).map_err(|e| format!("cdp.key_file: {e}"))?),
+        Some(path) => Some(CdpKey::from_key_file(path).map_err(|e| e.to_string())?),
         None => CdpKey::from_env().map_err(|e| e.to_string())?,
     };
     Ok(Prepared {
