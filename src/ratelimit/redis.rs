@@ -93,17 +93,7 @@ impl RedisLimiter {
         let mut connection = self.connection.clone();
         let mut invocation = self.script.key(self.key(ip));
         invocation.arg(self.gcra.emission).arg(self.gcra.tolerance);
-        let reply: Vec<i64> =
-            tokio::time::timeout(CALL_TIMEOUT, invocation.invoke_async(&mut connection))
-                .await
-                .map_err(|_| LimiterError::Timeout {
-                    backend: BACKEND,
-                    after: CALL_TIMEOUT,
-                })?
-                .map_err(|e| LimiterError::Unavailable {
-                    backend: BACKEND,
-                    source: Box::new(e),
-                })?;
+        let reply: Vec<i64> = bounded(invocation.invoke_async(&mut connection)).await?;
         let step = match reply.as_slice() {
             [1, remaining, reset] => Step::Allowed {
                 new_tat: 0,
@@ -125,6 +115,22 @@ impl RedisLimiter {
     }
 }
 
+/// One Redis call under [`CALL_TIMEOUT`], its failure as a [`LimiterError`].
+async fn bounded<T>(
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, LimiterError> {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .map_err(|_| LimiterError::Timeout {
+            backend: BACKEND,
+            after: CALL_TIMEOUT,
+        })?
+        .map_err(|e| LimiterError::Unavailable {
+            backend: BACKEND,
+            source: Box::new(e),
+        })
+}
+
 impl RateLimiter for RedisLimiter {
     fn check(&self, ip: IpAddr) -> BoxFuture<'_, Result<Decision, LimiterError>> {
         Box::pin(self.step(ip))
@@ -137,19 +143,7 @@ impl RateLimiter for RedisLimiter {
     fn health(&self) -> BoxFuture<'_, Result<(), LimiterError>> {
         Box::pin(async move {
             let mut connection = self.connection.clone();
-            let pong: String = tokio::time::timeout(
-                CALL_TIMEOUT,
-                redis::cmd("PING").query_async(&mut connection),
-            )
-            .await
-            .map_err(|_| LimiterError::Timeout {
-                backend: BACKEND,
-                after: CALL_TIMEOUT,
-            })?
-            .map_err(|e| LimiterError::Unavailable {
-                backend: BACKEND,
-                source: Box::new(e),
-            })?;
+            let pong: String = bounded(redis::cmd("PING").query_async(&mut connection)).await?;
             if pong == "PONG" {
                 Ok(())
             } else {
