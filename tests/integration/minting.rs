@@ -7,7 +7,7 @@
 //! is asserted with `fake.count()` after the response: the gateway calls CDP before it
 //! answers, so the count is final by then and needs no waiting.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use reqwest::header::HeaderMap;
@@ -254,10 +254,15 @@ async fn wait_access_logs(gw: &Gateway, path: &str, n: usize) {
 
 /// A client whose TCP connections leave from `local` (any 127/8 address is loopback on Linux).
 fn client_from(gw: &Gateway, local: IpAddr) -> reqwest::Client {
+    client_to(gw, gw.https_addr, Some(local))
+}
+
+/// A client that connects to `target` (for `localhost` URLs), optionally from `local`.
+fn client_to(gw: &Gateway, target: SocketAddr, local: Option<IpAddr>) -> reqwest::Client {
     certs::install_provider();
     reqwest::Client::builder()
         .use_preconfigured_tls((*gw.client_config(Alpn::Http11)).clone())
-        .resolve("localhost", gw.https_addr)
+        .resolve("localhost", target)
         .local_address(local)
         .no_proxy()
         .http1_only()
@@ -399,6 +404,8 @@ async fn get_redirects_302_to_onramp_url_with_token_and_presets() {
     );
     let resp = rig.get(&q).await;
     assert_eq!(resp.status(), StatusCode::FOUND, "{}", rig.gw.logs());
+    // The client offers h2 first, as browsers do; minting works over HTTP/2.
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     let h = resp.headers();
     assert_eq!(header(h, "cache-control"), Some("no-store"));
     assert_eq!(header(h, "referrer-policy"), Some("no-referrer"));
@@ -859,7 +866,16 @@ async fn oversized_body_is_413_and_unsupported_type_is_415() {
             .unwrap();
         assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct}");
     }
+    let resp = rig
+        .client
+        .put(rig.gw.url(&onramp_query(ADDR, "base")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert!(header(resp.headers(), "allow").is_some_and(|a| a.contains("GET")));
     assert_eq!(rig.fake.count(), 0);
+    assert_eq!(rig.up.requests(), 0, "the minting paths are never proxied");
     rig.assert_mints().await;
 }
 
@@ -1025,6 +1041,48 @@ async fn client_ip_is_the_socket_peer_and_spoofed_headers_are_ignored() {
         .await;
 }
 
+/// A dual-stack listener sees IPv4 clients as `::ffff:a.b.c.d`; Coinbase must get `a.b.c.d`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv4_mapped_peer_is_sent_to_cdp_as_ipv4() {
+    let rig = Rig::start(TestKey::ed25519(), |b| {
+        b.section("server", "listen = \"[::]:0\"")
+    })
+    .await;
+    let port = rig.gw.https_addr.port();
+    let v4 = client_to(&rig.gw, SocketAddr::from(([127, 0, 0, 1], port)), None);
+    let v6 = client_to(
+        &rig.gw,
+        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+        None,
+    );
+    let url = rig.gw.url(&onramp_query(ADDR, "base"));
+    assert_eq!(
+        v4.get(&url).send().await.unwrap().status(),
+        StatusCode::FOUND
+    );
+    assert_eq!(
+        v6.get(&url).send().await.unwrap().status(),
+        StatusCode::FOUND
+    );
+    rig.fake.assert_all_verified();
+    let ips: Vec<Value> = rig
+        .fake
+        .requests()
+        .iter()
+        .map(|r| r.body["clientIp"].clone())
+        .collect();
+    assert_eq!(ips, [json!("127.0.0.1"), json!("::1")]);
+    wait_access_logs(&rig.gw, "/onramp", 2).await;
+    let logged: Vec<String> = rig
+        .gw
+        .log_events()
+        .iter()
+        .filter(|e| is_access_log(e, "/onramp"))
+        .filter_map(|e| field_str(e, "client_ip").map(str::to_string))
+        .collect();
+    assert_eq!(logged, ["127.0.0.1", "::1"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_client_ip_is_substituted_and_warned_about_once() {
     let rig = Rig::start(TestKey::ed25519(), |b| {
@@ -1162,6 +1220,23 @@ async fn third_request_in_burst_is_429_with_headers_and_no_cdp_call() {
         Some(1.0),
         "{m}"
     );
+}
+
+/// The limit comes before validation (README: origin → method → rate limit → validation),
+/// so a client cannot probe the validator, or the app's context route, without limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_requests_count_against_the_rate_limit() {
+    let rig = Rig::start(TestKey::ed25519(), |b| {
+        b.section("rate_limit", "requests_per_minute = 1\nburst = 2")
+    })
+    .await;
+    for _ in 0..2 {
+        let resp = rig.get(&onramp_query("0xbad", "base")).await;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    }
+    let resp = rig.get(&onramp_query(ADDR, "base")).await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(rig.fake.count(), 0);
 }
 
 // ---------------------------------------------------------------------------------------
