@@ -96,6 +96,9 @@ impl CdpClient {
             .connect_timeout(timeout)
             .timeout(timeout)
             .pool_idle_timeout(Duration::from_secs(90))
+            // After a burst, keep a few warm connections, not one per request of the burst
+            // (against the real API, HTTP/2 multiplexes on one connection anyway).
+            .pool_max_idle_per_host(32)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("onramp-gateway/", env!("CARGO_PKG_VERSION")))
             .build()
