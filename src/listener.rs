@@ -12,7 +12,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -46,7 +46,8 @@ pub fn http_builder(settings: &HttpSettings) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
+        // Our own head timer (see serve_http) replaces hyper's.
+        .header_read_timeout(None)
         // hyper answers 431 itself when a request head outgrows its read buffer; its
         // minimum is 8 KiB. Smaller limits are enforced exactly per request (routes).
         .max_buf_size(settings.max_header_bytes.max(8192) + 8192)
@@ -108,13 +109,23 @@ pub async fn accept_loop<F, Fut>(
 }
 
 /// Serves HTTP on an established (already TLS-terminated, if any) stream until the
-/// client closes, the idle timeout passes, or the gateway drains.
+/// client closes, a timeout passes, or the gateway drains.
+///
+/// Two timers, both driven by [`Activity`]:
+/// - **request head** (`header_read_timeout`, HTTP/1.1): from the first byte of a request
+///   head (or from the start of the connection, for the first request) until hyper hands
+///   the complete head to the service. Cuts slowloris clients off. hyper's own header
+///   timer is not used because it also runs while a keep-alive connection sits idle
+///   between requests, which would make every idle keep-alive close after the header
+///   timeout instead of `idle_timeout` (and make a load balancer with a longer upstream
+///   keep-alive race the gateway's close: intermittent 502s).
+/// - **idle** (`idle_timeout`): no bytes moving and no request in progress.
 pub async fn serve_http<IO, H>(
     io: IO,
     conn: Arc<ConnInfo>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     handler: Arc<H>,
-    idle_timeout: Duration,
+    timeouts: ConnTimeouts,
     drain: CancellationToken,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -126,10 +137,13 @@ pub async fn serve_http<IO, H>(
         activity: activity.clone(),
     });
     let service_activity = activity.clone();
-    let service = service_fn(move |req| {
+    let service = service_fn(move |req: Request<Incoming>| {
         let handler = handler.clone();
         let conn = conn.clone();
-        let guard = InFlight::start(service_activity.clone());
+        let guard = InFlight::start(
+            service_activity.clone(),
+            req.version() == http::Version::HTTP_2,
+        );
         async move {
             let response = handler.handle(req, conn).await;
             drop(guard);
@@ -138,78 +152,209 @@ pub async fn serve_http<IO, H>(
     });
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
-
+    let drained = drain.cancelled();
+    tokio::pin!(drained);
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
+    let mut armed_for = u64::MAX;
     let mut shutting_down = false;
-    let idle_check = tokio::time::sleep(idle_timeout);
-    tokio::pin!(idle_check);
+
     loop {
-        tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(e) = result {
+        // Every wake-up of this task (socket readable, timer, drain) re-evaluates the
+        // deadline, so a request head that starts while the timer is set for the idle
+        // deadline still gets its own, shorter one.
+        let wake = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = connection.as_mut().poll(cx) {
+                return Poll::Ready(Wake::Closed(result.err()));
+            }
+            if !shutting_down && drained.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Drain);
+            }
+            let deadline = activity.deadline_ms(&timeouts);
+            if deadline != armed_for {
+                armed_for = deadline;
+                timer.as_mut().reset(instant_at(deadline));
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Timer);
+            }
+            Poll::Pending
+        })
+        .await;
+        match wake {
+            Wake::Closed(error) => {
+                if let Some(e) = error {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
                 break;
             }
-            _ = drain.cancelled(), if !shutting_down => {
+            Wake::Drain => {
                 // HTTP/1.1: close once the in-flight response is done (idle ones at
                 // once); HTTP/2: GOAWAY, then finish the open streams.
                 shutting_down = true;
                 connection.as_mut().graceful_shutdown();
             }
-            _ = idle_check.as_mut() => {
-                let idle = activity.idle_for();
-                if activity.in_flight() == 0 && idle >= idle_timeout {
-                    if shutting_down {
-                        // Asked to close politely one idle period ago and still here.
-                        break;
-                    }
+            Wake::Timer => match activity.expired(&timeouts) {
+                Some(Expired::Head) => {
+                    tracing::debug!(
+                        "request head not received within header_read_timeout_ms: closing"
+                    );
+                    break;
+                }
+                Some(Expired::Idle) if shutting_down => break,
+                Some(Expired::Idle) => {
                     shutting_down = true;
                     connection.as_mut().graceful_shutdown();
-                    idle_check.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
-                } else {
-                    let remaining = idle_timeout.saturating_sub(idle).max(Duration::from_millis(100));
-                    idle_check.as_mut().reset(tokio::time::Instant::now() + remaining);
+                    // If the client does not close within another idle period, drop it.
+                    activity.touch();
                 }
-            }
+                None => {}
+            },
+        }
+        armed_for = u64::MAX;
+    }
+}
+
+enum Wake {
+    Closed(Option<Box<dyn std::error::Error + Send + Sync>>),
+    Drain,
+    Timer,
+}
+
+/// The per-connection timeouts from `[server]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnTimeouts {
+    pub header_read_ms: u64,
+    pub idle_ms: u64,
+}
+
+impl ConnTimeouts {
+    pub fn new(header_read: Duration, idle: Duration) -> Self {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
+        Self {
+            header_read_ms: ms(header_read),
+            idle_ms: ms(idle),
         }
     }
 }
 
-/// Last socket activity and requests in progress on one connection.
+enum Expired {
+    Head,
+    Idle,
+}
+
+fn clock_start() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+/// Milliseconds since the process-wide start instant (cheap to store in an atomic).
+fn clock_ms() -> u64 {
+    u64::try_from(clock_start().elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+fn instant_at(ms: u64) -> tokio::time::Instant {
+    let at = clock_start()
+        .checked_add(Duration::from_millis(ms))
+        // Far future: a year is "never" for one connection.
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 86_400));
+    tokio::time::Instant::from_std(at)
+}
+
+/// Socket activity and request progress on one connection.
 struct Activity {
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
-}
-
-fn clock_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    let start = START.get_or_init(Instant::now);
-    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    /// When the current HTTP/1.1 request head started arriving; 0 = no head pending.
+    head_started_ms: AtomicU64,
+    /// True between requests: the next bytes read begin a request head.
+    awaiting_head: AtomicBool,
+    /// HTTP/2 has no per-request head to time (frames of many streams interleave).
+    is_h2: AtomicBool,
 }
 
 impl Activity {
     fn new() -> Self {
+        let now = clock_ms();
         Self {
-            last_ms: AtomicU64::new(clock_ms()),
+            last_ms: AtomicU64::new(now),
             in_flight: AtomicUsize::new(0),
+            // The first head is timed from the start of the connection, so a client
+            // that connects and sends nothing is cut off like one that trickles.
+            head_started_ms: AtomicU64::new(now.max(1)),
+            awaiting_head: AtomicBool::new(true),
+            is_h2: AtomicBool::new(false),
         }
     }
     fn touch(&self) {
         self.last_ms.store(clock_ms(), Ordering::Relaxed);
     }
-    fn idle_for(&self) -> Duration {
-        Duration::from_millis(clock_ms().saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    fn bytes_read(&self) {
+        let now = clock_ms();
+        self.last_ms.store(now, Ordering::Relaxed);
+        if self.awaiting_head.load(Ordering::Relaxed)
+            && self.head_started_ms.load(Ordering::Relaxed) == 0
+        {
+            self.head_started_ms.store(now.max(1), Ordering::Relaxed);
+        }
     }
     fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }
+
+    /// The next instant (in [`clock_ms`] units) at which a timeout could expire.
+    fn deadline_ms(&self, t: &ConnTimeouts) -> u64 {
+        let mut deadline = u64::MAX;
+        if self.in_flight() == 0 {
+            deadline = self
+                .last_ms
+                .load(Ordering::Relaxed)
+                .saturating_add(t.idle_ms);
+        }
+        let started = self.head_started_ms.load(Ordering::Relaxed);
+        if started != 0
+            && !self.is_h2.load(Ordering::Relaxed)
+            && self.awaiting_head.load(Ordering::Relaxed)
+        {
+            deadline = deadline.min(started.saturating_add(t.header_read_ms));
+        }
+        deadline
+    }
+
+    fn expired(&self, t: &ConnTimeouts) -> Option<Expired> {
+        let now = clock_ms();
+        let started = self.head_started_ms.load(Ordering::Relaxed);
+        if started != 0
+            && !self.is_h2.load(Ordering::Relaxed)
+            && self.awaiting_head.load(Ordering::Relaxed)
+            && now >= started.saturating_add(t.header_read_ms)
+        {
+            return Some(Expired::Head);
+        }
+        if self.in_flight() == 0
+            && now
+                >= self
+                    .last_ms
+                    .load(Ordering::Relaxed)
+                    .saturating_add(t.idle_ms)
+        {
+            return Some(Expired::Idle);
+        }
+        None
+    }
 }
 
-/// A request being handled: a connection waiting on a slow upstream is not idle.
+/// A request being handled: its head is complete (the head timer stops) and the
+/// connection is not idle while it runs (a slow upstream is not an idle client).
 struct InFlight(Arc<Activity>);
 
 impl InFlight {
-    fn start(activity: Arc<Activity>) -> Self {
+    fn start(activity: Arc<Activity>, is_h2: bool) -> Self {
+        if is_h2 {
+            activity.is_h2.store(true, Ordering::Relaxed);
+        }
+        activity.awaiting_head.store(false, Ordering::Relaxed);
+        activity.head_started_ms.store(0, Ordering::Relaxed);
         activity.in_flight.fetch_add(1, Ordering::Relaxed);
         Self(activity)
     }
@@ -219,6 +364,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.0.touch();
+        self.0.awaiting_head.store(true, Ordering::Relaxed);
     }
 }
 
@@ -237,7 +383,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
+            self.activity.bytes_read();
         }
         result
     }

@@ -24,7 +24,7 @@ use crate::cdp::client::CdpClient;
 use crate::cdp::key::CdpKey;
 use crate::client_ip::{ClientIpPolicy, ConnInfo};
 use crate::config::{LimiterBackend, ProxyProtocol, Settings};
-use crate::listener::{accept_loop, http_builder, serve_http, Handler, HttpSettings};
+use crate::listener::{accept_loop, http_builder, serve_http, ConnTimeouts, Handler, HttpSettings};
 use crate::metrics::{ConnectionGuard, Metrics};
 use crate::mint::Minter;
 use crate::proxy::Proxy;
@@ -143,6 +143,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         max_header_bytes: settings.config.server.max_header_bytes,
     };
     let builder = Arc::new(http_builder(&http_settings));
+    let timeouts = ConnTimeouts::new(settings.header_read_timeout(), settings.idle_timeout());
     let limit = Arc::new(Semaphore::new(settings.config.server.max_connections));
     let acceptor = TlsAcceptor::from(tls::server_config(certs.clone())?);
     {
@@ -164,7 +165,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
             metrics: metrics.clone(),
             drain: drain.clone(),
             handshake_timeout: settings.header_read_timeout(),
-            idle_timeout: settings.idle_timeout(),
+            timeouts,
             proxy_protocol: (settings.config.server.proxy_protocol == ProxyProtocol::On)
                 .then(|| ClientIpPolicy::new(settings.trusted_proxies.clone())),
             fallback_local: https_addr,
@@ -182,7 +183,6 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
             https_port: https_addr.port(),
         });
         let (builder, metrics, drain) = (builder.clone(), metrics.clone(), drain.clone());
-        let idle = settings.idle_timeout();
         accepting.spawn(accept_loop(
             listener,
             limit.clone(),
@@ -200,7 +200,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
                     let _counted = ConnectionGuard::new(&metrics);
                     let local = stream.local_addr().unwrap_or(peer);
                     let conn = Arc::new(ConnInfo::new(peer, local));
-                    serve_http(stream, conn, builder, redirect, idle, drain).await;
+                    serve_http(stream, conn, builder, redirect, timeouts, drain).await;
                 }
             },
         ));
@@ -215,7 +215,6 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         });
         let admin_builder = Arc::new(http_builder(&http_settings));
         let (stop, tasks) = (admin_stop.clone(), admin_tasks.clone());
-        let idle = settings.idle_timeout();
         admin_tasks.spawn(accept_loop(
             listener,
             Arc::new(Semaphore::new(64)),
@@ -233,7 +232,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
                         Arc::new(ConnInfo::new(peer, local)),
                         builder,
                         handler,
-                        idle,
+                        timeouts,
                         stop,
                     )
                     .await;
@@ -365,7 +364,7 @@ struct TlsFrontend {
     metrics: Arc<Metrics>,
     drain: CancellationToken,
     handshake_timeout: Duration,
-    idle_timeout: Duration,
+    timeouts: ConnTimeouts,
     /// `Some` when `proxy_protocol = "on"`: who may send the header.
     proxy_protocol: Option<ClientIpPolicy>,
     fallback_local: SocketAddr,
@@ -423,7 +422,7 @@ impl TlsFrontend {
             Arc::new(conn),
             self.builder.clone(),
             self.app.clone(),
-            self.idle_timeout,
+            self.timeouts,
             self.drain.clone(),
         )
         .await;

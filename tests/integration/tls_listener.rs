@@ -489,3 +489,98 @@ async fn assert_still_serving_insecure(gw: &Gateway) {
     let resp = client.get(gw.url("/echo")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+/// Reads one HTTP/1.1 response with a Content-Length body from a keep-alive stream.
+async fn read_one_response<R: tokio::io::AsyncRead + Unpin>(rd: &mut R) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = rd.read(&mut buf).await.expect("read response");
+        assert!(
+            n > 0,
+            "connection closed before a full response: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some(head_end) = text.find("\r\n\r\n") {
+            let len = text[..head_end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if got.len() >= head_end + 4 + len {
+                return text;
+            }
+        }
+    }
+}
+
+/// The header timer must not run while a keep-alive connection waits for its next
+/// request: an idle HTTP/1.1 keep-alive lives for `idle_timeout_ms`, not
+/// `header_read_timeout_ms` (a load balancer with a longer upstream keep-alive would
+/// otherwise race the gateway's close and answer 502s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_outlives_header_timeout_then_idle_timeout_closes_it() {
+    let (up, gw) = start_with(|b| {
+        b.section(
+            "server",
+            "header_read_timeout_ms = 300\nidle_timeout_ms = 1500",
+        )
+    })
+    .await;
+    let tls = gw.tls_connect(Alpn::Http11).await;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let request = b"GET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    wr.write_all(request).await.unwrap();
+    wr.flush().await.unwrap();
+    assert!(read_one_response(&mut rd).await.starts_with("HTTP/1.1 200"));
+
+    // Idle for well over the header timeout, then reuse the same connection.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    wr.write_all(request).await.unwrap();
+    wr.flush().await.unwrap();
+    assert!(read_one_response(&mut rd).await.starts_with("HTTP/1.1 200"));
+    assert_eq!(up.requests(), 2);
+
+    // Now stay idle: the idle timeout closes it (EOF), within a bounded time.
+    let start = Instant::now();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(6), rd.read(&mut buf)).await;
+    let took = start.elapsed();
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "idle connection not closed: {closed:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(1000),
+        "closed after {took:?}, before idle_timeout_ms"
+    );
+}
+
+/// A client that completes the TLS handshake and then sends nothing is cut off by
+/// the header timeout, like one that trickles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_client_is_cut_off_by_header_timeout() {
+    let (_up, gw) = start_with(|b| {
+        b.section(
+            "server",
+            "header_read_timeout_ms = 400\nidle_timeout_ms = 60000",
+        )
+    })
+    .await;
+    let tls = gw.tls_connect(Alpn::Http11).await;
+    let (mut rd, _wr) = tokio::io::split(tls);
+    let start = Instant::now();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(5), rd.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "silent connection not closed: {closed:?}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_still_serving(&gw).await;
+}
