@@ -275,9 +275,8 @@ fn client_to(gw: &Gateway, target: SocketAddr, local: Option<IpAddr>) -> reqwest
 // ---------------------------------------------------------------------------------------
 // Key forms
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn env_key_es256_sec1_mints() {
-    let key = TestKey::es256_sec1();
+/// The key in CDP_API_KEY_ID / CDP_API_KEY_SECRET, as Coinbase's SDKs read it.
+async fn assert_env_key_mints(key: TestKey) {
     let (id, secret) = (key.id.clone(), key.secret_string.clone());
     assert_key_form_mints(key, |b| {
         with_env(
@@ -286,32 +285,21 @@ async fn env_key_es256_sec1_mints() {
         )
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn env_key_es256_sec1_mints() {
+    assert_env_key_mints(TestKey::es256_sec1()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn env_key_es256_pkcs8_mints() {
-    let key = TestKey::es256_pkcs8();
-    let (id, secret) = (key.id.clone(), key.secret_string.clone());
-    assert_key_form_mints(key, |b| {
-        with_env(
-            b,
-            &[("CDP_API_KEY_ID", &id), ("CDP_API_KEY_SECRET", &secret)],
-        )
-    })
-    .await;
+    assert_env_key_mints(TestKey::es256_pkcs8()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn env_key_ed25519_mints() {
-    let key = TestKey::ed25519();
-    let (id, secret) = (key.id.clone(), key.secret_string.clone());
-    assert_key_form_mints(key, |b| {
-        with_env(
-            b,
-            &[("CDP_API_KEY_ID", &id), ("CDP_API_KEY_SECRET", &secret)],
-        )
-    })
-    .await;
+    assert_env_key_mints(TestKey::ed25519()).await;
 }
 
 /// Env files and Kubernetes secrets often carry a PEM on one line with literal `\n`.
