@@ -46,6 +46,8 @@ pub struct Proxy {
     response_timeout: Duration,
     /// WebSocket tunnels outlive their request; tracked so shutdown can wait for them.
     tunnels: TaskTracker,
+    /// A tunnel with no bytes in either direction for this long is closed.
+    tunnel_idle_timeout: Duration,
 }
 
 /// A proxied response and how long the upstream took to produce its headers.
@@ -59,6 +61,7 @@ impl Proxy {
         upstream: &Uri,
         connect_timeout: Duration,
         response_timeout: Duration,
+        tunnel_idle_timeout: Duration,
         tunnels: TaskTracker,
     ) -> Self {
         let mut connector = HttpConnector::new();
@@ -81,6 +84,7 @@ impl Proxy {
                 .unwrap_or_else(|| Authority::from_static("127.0.0.1:3000")),
             response_timeout,
             tunnels,
+            tunnel_idle_timeout,
         }
     }
 
@@ -135,17 +139,11 @@ impl Proxy {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
+                let idle = self.tunnel_idle_timeout;
                 self.tunnels.spawn(async move {
                     match tokio::try_join!(client_upgrade, upstream_upgrade) {
                         Ok((client_io, upstream_io)) => {
-                            let mut client_io = TokioIo::new(client_io);
-                            let mut upstream_io = TokioIo::new(upstream_io);
-                            if let Err(e) =
-                                tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io)
-                                    .await
-                            {
-                                tracing::debug!(error = %e, "upgraded tunnel closed with an error");
-                            }
+                            tunnel(TokioIo::new(client_io), TokioIo::new(upstream_io), idle).await;
                         }
                         Err(e) => tracing::debug!(error = %e, "upgrade failed"),
                     }
@@ -163,6 +161,51 @@ impl Proxy {
             response,
             upstream_time,
         })
+    }
+}
+
+/// Copies both ways until either side closes or nothing has moved for `idle` (like
+/// nginx's `proxy_read_timeout` for WebSockets: a stalled peer must not hold a tunnel,
+/// and its sockets, forever). WebSocket apps that ping more often than that are kept.
+async fn tunnel<A, B>(mut client: A, mut upstream: B, idle: Duration)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut client_read, mut client_write) = tokio::io::split(&mut client);
+    let (mut upstream_read, mut upstream_write) = tokio::io::split(&mut upstream);
+    let mut up_buf = vec![0u8; 16 * 1024];
+    let mut down_buf = vec![0u8; 16 * 1024];
+    let (mut up_open, mut down_open) = (true, true);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    while up_open || down_open {
+        tokio::select! {
+            r = client_read.read(&mut up_buf), if up_open => match r {
+                Ok(0) | Err(_) => {
+                    up_open = false;
+                    let _ = upstream_write.shutdown().await;
+                }
+                // A peer that stops reading stalls the write: bounded by the same idle time.
+                Ok(n) => match tokio::time::timeout(idle, upstream_write.write_all(&up_buf[..n])).await {
+                    Ok(Ok(())) => {}
+                    _ => break,
+                },
+            },
+            r = upstream_read.read(&mut down_buf), if down_open => match r {
+                Ok(0) | Err(_) => {
+                    down_open = false;
+                    let _ = client_write.shutdown().await;
+                }
+                Ok(n) => match tokio::time::timeout(idle, client_write.write_all(&down_buf[..n])).await {
+                    Ok(Ok(())) => {}
+                    _ => break,
+                },
+            },
+            _ = tokio::time::sleep(idle) => {
+                tracing::debug!(idle_ms = idle.as_millis() as u64, "upgraded tunnel idle: closing");
+                break;
+            }
+        }
     }
 }
 

@@ -110,6 +110,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         &settings.upstream,
         settings.upstream_connect_timeout(),
         settings.upstream_response_timeout(),
+        settings.idle_timeout(),
         connections.clone(),
     );
     let minter = match cdp_key {

@@ -664,3 +664,46 @@ async fn onramp_route_is_logged_and_counted_as_onramp() {
         "{metrics}"
     );
 }
+
+/// A WebSocket tunnel where nothing moves for `idle_timeout_ms` is closed, so a stalled
+/// peer cannot hold it (and its sockets) forever; traffic keeps it open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_websocket_tunnel_is_closed() {
+    let up = Upstream::start().await;
+    let gw = GatewayBuilder::new(&up.url())
+        .section("server", "idle_timeout_ms = 600")
+        .start()
+        .await;
+    let tls = gw.tls_connect(Alpn::Http11).await;
+    let url = format!("wss://localhost:{}/ws", gw.https_addr.port());
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::client_async(url, tls),
+    )
+    .await
+    .expect("WebSocket handshake timed out")
+    .expect("WebSocket handshake through the gateway");
+
+    // Traffic every 300 ms (half the idle timeout) for 1.2 s keeps the tunnel open.
+    for i in 0..4 {
+        ws.send(Message::text(format!("ping {i}"))).await.unwrap();
+        let m: Message = ws_recv(&mut ws).await;
+        assert_eq!(m.to_text().unwrap(), format!("ping {i}"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Then silence: the gateway closes the tunnel (stream ends or errors).
+    let start = Instant::now();
+    let next = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    assert!(
+        matches!(
+            next,
+            Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_))))
+        ),
+        "tunnel still open after 5 s of silence: {next:?}"
+    );
+    assert!(
+        start.elapsed() >= Duration::from_millis(100),
+        "closed too early"
+    );
+}
