@@ -156,7 +156,8 @@ pub async fn serve_http<IO, H>(
     tokio::pin!(drained);
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
-    let mut armed_for = u64::MAX;
+    // The deadline the timer is set to; None forces a re-arm (after it fired).
+    let mut armed: Option<u64> = None;
     let mut shutting_down = false;
 
     loop {
@@ -171,8 +172,8 @@ pub async fn serve_http<IO, H>(
                 return Poll::Ready(Wake::Drain);
             }
             let deadline = activity.deadline_ms(&timeouts);
-            if deadline != armed_for {
-                armed_for = deadline;
+            if armed != Some(deadline) {
+                armed = Some(deadline);
                 timer.as_mut().reset(instant_at(deadline));
             }
             if timer.as_mut().poll(cx).is_ready() {
@@ -194,24 +195,28 @@ pub async fn serve_http<IO, H>(
                 shutting_down = true;
                 connection.as_mut().graceful_shutdown();
             }
-            Wake::Timer => match activity.expired(&timeouts) {
-                Some(Expired::Head) => {
-                    tracing::debug!(
-                        "request head not received within header_read_timeout_ms: closing"
-                    );
-                    break;
+            Wake::Timer => {
+                // The timer has fired: it must be set again whatever the next deadline is,
+                // or a completed timer would wake this loop over and over.
+                armed = None;
+                match activity.expired(&timeouts) {
+                    Some(Expired::Head) => {
+                        tracing::debug!(
+                            "request head not received within header_read_timeout_ms: closing"
+                        );
+                        break;
+                    }
+                    Some(Expired::Idle) if shutting_down => break,
+                    Some(Expired::Idle) => {
+                        shutting_down = true;
+                        connection.as_mut().graceful_shutdown();
+                        // If the client does not close within another idle period, drop it.
+                        activity.touch();
+                    }
+                    None => {}
                 }
-                Some(Expired::Idle) if shutting_down => break,
-                Some(Expired::Idle) => {
-                    shutting_down = true;
-                    connection.as_mut().graceful_shutdown();
-                    // If the client does not close within another idle period, drop it.
-                    activity.touch();
-                }
-                None => {}
-            },
+            }
         }
-        armed_for = u64::MAX;
     }
 }
 
