@@ -33,8 +33,8 @@ pub enum GatewayError {
     #[error("origin not allowed")]
     OriginNotAllowed,
     #[error("too many requests")]
+    /// `headers`: Retry-After, RateLimit-Policy and RateLimit, as the limiter renders them.
     RateLimited {
-        retry_after: Duration,
         headers: Vec<(HeaderName, HeaderValue)>,
     },
     #[error("rate limiter unavailable")]
@@ -99,7 +99,7 @@ impl GatewayError {
 
     fn extra_headers(&self) -> Vec<(HeaderName, HeaderValue)> {
         match self {
-            GatewayError::RateLimited { headers, .. } => headers.clone(),
+            GatewayError::RateLimited { headers } => headers.clone(),
             GatewayError::CdpRateLimited { retry_after } => {
                 vec![(http::header::RETRY_AFTER, retry_after_value(*retry_after))]
             }
@@ -150,10 +150,10 @@ impl GatewayError {
     }
 }
 
-/// `Retry-After` in whole seconds, rounded up and never 0 (a 0 invites an immediate retry).
+/// `Retry-After` in whole seconds, rounded up and never 0 (the rate limiter's rule, so
+/// both 429 and 503 answers count the same way).
 pub fn retry_after_value(d: Duration) -> HeaderValue {
-    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
-    HeaderValue::from(secs.max(1))
+    HeaderValue::from(crate::ratelimit::retry_after_secs(d))
 }
 
 /// True when the client prefers a machine-readable error (fetch/XHR from a SPA).

@@ -204,10 +204,9 @@ impl Minter {
 
     async fn rate_limit(&self, ip: IpAddr) -> Result<(), GatewayError> {
         match self.limiter.check(ip).await {
-            Ok(decision @ Decision::Limited { retry_after, .. }) => {
+            Ok(decision @ Decision::Limited { .. }) => {
                 self.metrics.rate_limited.inc();
                 Err(GatewayError::RateLimited {
-                    retry_after,
                     headers: response_headers(self.limiter.policy(), &decision),
                 })
             }

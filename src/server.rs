@@ -190,19 +190,16 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
             stop_accepting.clone(),
             connections.clone(),
             move |stream, peer, permit| {
-                let (builder, redirect, metrics, drain) = (
+                serve_plain(
+                    stream,
+                    peer,
+                    permit,
                     builder.clone(),
                     redirect.clone(),
-                    metrics.clone(),
+                    timeouts,
                     drain.clone(),
-                );
-                async move {
-                    let _permit = permit;
-                    let _counted = ConnectionGuard::new(&metrics);
-                    let local = stream.local_addr().unwrap_or(peer);
-                    let conn = Arc::new(ConnInfo::new(peer, local));
-                    serve_http(stream, conn, builder, redirect, timeouts, drain).await;
-                }
+                    Some(metrics.clone()),
+                )
             },
         ));
     }
@@ -214,30 +211,24 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
             metrics: metrics.clone(),
             readiness: readiness.clone(),
         });
-        let admin_builder = Arc::new(http_builder(&http_settings));
-        let (stop, tasks) = (admin_stop.clone(), admin_tasks.clone());
+        let (builder, stop) = (builder.clone(), admin_stop.clone());
         admin_tasks.spawn(accept_loop(
             listener,
             Arc::new(Semaphore::new(64)),
             admin_stop.clone(),
             admin_tasks.clone(),
+            // Not counted in connections_active: that gauge is about client traffic.
             move |stream, peer, permit| {
-                let (builder, handler, stop) =
-                    (admin_builder.clone(), handler.clone(), stop.clone());
-                let _ = &tasks;
-                async move {
-                    let _permit = permit;
-                    let local = stream.local_addr().unwrap_or(peer);
-                    serve_http(
-                        stream,
-                        Arc::new(ConnInfo::new(peer, local)),
-                        builder,
-                        handler,
-                        timeouts,
-                        stop,
-                    )
-                    .await;
-                }
+                serve_plain(
+                    stream,
+                    peer,
+                    permit,
+                    builder.clone(),
+                    handler.clone(),
+                    timeouts,
+                    stop.clone(),
+                    None,
+                )
             },
         ));
     }
@@ -354,6 +345,25 @@ async fn wait_for_shutdown_signal(certs: &CertStore) -> Result<(), StartError> {
             },
         }
     }
+}
+
+/// A plain-HTTP connection (the HTTP→HTTPS redirect listener, the admin listener).
+#[allow(clippy::too_many_arguments)]
+async fn serve_plain<H: Handler>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    handler: Arc<H>,
+    timeouts: ConnTimeouts,
+    drain: CancellationToken,
+    metrics: Option<Arc<Metrics>>,
+) {
+    let _permit = permit;
+    let _counted = metrics.as_deref().map(ConnectionGuard::new);
+    let local = stream.local_addr().unwrap_or(peer);
+    let conn = Arc::new(ConnInfo::new(peer, local));
+    serve_http(stream, conn, builder, handler, timeouts, drain).await;
 }
 
 /// The HTTPS listener's per-connection work: optional PROXY header, TLS handshake
