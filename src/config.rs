@@ -180,6 +180,8 @@ pub struct OnrampConfig {
     pub url: String,
     pub blockchains: Vec<String>,
     pub assets: Vec<String>,
+    /// `Sec-Fetch-Site` values that may mint (see `crate::fetch_site`).
+    pub allowed_fetch_sites: Vec<String>,
 }
 
 impl Default for OnrampConfig {
@@ -189,6 +191,7 @@ impl Default for OnrampConfig {
             url: "https://pay.coinbase.com/buy/select-asset".into(),
             blockchains: vec!["base".into(), "ethereum".into()],
             assets: Vec::new(),
+            allowed_fetch_sites: vec!["same-origin".into(), "none".into()],
         }
     }
 }
@@ -216,6 +219,7 @@ impl Default for OfframpConfig {
 pub enum AddressSource {
     Request,
     Upstream,
+    Ticket,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -223,6 +227,9 @@ pub enum AddressSource {
 pub struct AddressesConfig {
     pub source: AddressSource,
     pub context_path: String,
+    /// Name of the environment variable holding the HS256 ticket key (`source = "ticket"`).
+    pub ticket_secret_env: String,
+    pub ticket_max_age_s: u64,
 }
 
 impl Default for AddressesConfig {
@@ -230,6 +237,8 @@ impl Default for AddressesConfig {
         Self {
             source: AddressSource::Request,
             context_path: "/.well-known/onramp-context".into(),
+            ticket_secret_env: "ONRAMP_TICKET_SECRET".into(),
+            ticket_max_age_s: 300,
         }
     }
 }
@@ -259,6 +268,16 @@ pub struct RateLimitConfig {
     /// Extension to SPEC.md: prefix of the Redis keys (one per client IP).
     pub redis_key_prefix: String,
     pub on_backend_error: OnBackendError,
+    pub aggregate_ipv4_prefix: u8,
+    pub aggregate_ipv6_prefix: u8,
+    /// 0 = no aggregate (prefix) bucket.
+    pub aggregate_requests_per_minute: u32,
+    /// 0 = 4 x burst.
+    pub aggregate_burst: u32,
+    /// 0 = no global bucket.
+    pub global_mints_per_second: u32,
+    pub max_concurrent_cdp_calls: usize,
+    pub max_keys: usize,
 }
 
 impl Default for RateLimitConfig {
@@ -271,6 +290,13 @@ impl Default for RateLimitConfig {
             redis_url: "redis://127.0.0.1:6379/0".into(),
             redis_key_prefix: "onramp-gateway:rl:".into(),
             on_backend_error: OnBackendError::Deny,
+            aggregate_ipv4_prefix: 24,
+            aggregate_ipv6_prefix: 48,
+            aggregate_requests_per_minute: 0,
+            aggregate_burst: 0,
+            global_mints_per_second: 0,
+            max_concurrent_cdp_calls: 256,
+            max_keys: 1_000_000,
         }
     }
 }
@@ -647,6 +673,32 @@ impl Config {
         }
 
         c.route_path("addresses.context_path", &self.addresses.context_path);
+        for (i, site) in self.onramp.allowed_fetch_sites.iter().enumerate() {
+            if crate::fetch_site::FetchSite::parse(site).is_none() {
+                c.bad(
+                    &format!("onramp.allowed_fetch_sites[{i}]"),
+                    format!("unknown Sec-Fetch-Site value {site:?} (expected \"same-origin\", \"same-site\", \"cross-site\" or \"none\")"),
+                );
+            }
+        }
+        let a = &self.addresses;
+        if a.ticket_secret_env.is_empty()
+            || !a
+                .ticket_secret_env
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            c.bad(
+                "addresses.ticket_secret_env",
+                "must be an environment variable name (letters, digits, '_')",
+            );
+        }
+        if a.ticket_max_age_s == 0 || a.ticket_max_age_s > 86_400 {
+            c.bad(
+                "addresses.ticket_max_age_s",
+                "must be between 1 and 86400 seconds",
+            );
+        }
 
         let rl = &self.rate_limit;
         if rl.requests_per_minute == 0 {
@@ -659,14 +711,20 @@ impl Config {
             c.bad("rate_limit.ipv6_prefix", "must be between 1 and 128");
         }
         if rl.requests_per_minute > 0 && rl.burst > 0 && rl.ipv6_prefix > 0 {
-            let policy = crate::ratelimit::Policy {
-                requests_per_minute: rl.requests_per_minute,
-                burst: rl.burst,
-                ipv6_prefix: rl.ipv6_prefix,
-            };
-            if let Err(e) = policy.validate() {
+            // The layered buckets (per IP, per prefix, global), checked as the limiter will
+            // build them: one rule, so `check` refuses exactly what start-up would.
+            if let Err(e) = crate::ratelimit::Layers::from_config(rl) {
                 c.bad("rate_limit", e.to_string());
             }
+        }
+        if rl.max_concurrent_cdp_calls == 0 || rl.max_concurrent_cdp_calls > 100_000 {
+            c.bad(
+                "rate_limit.max_concurrent_cdp_calls",
+                "must be between 1 and 100000",
+            );
+        }
+        if rl.max_keys == 0 || rl.max_keys > 100_000_000 {
+            c.bad("rate_limit.max_keys", "must be between 1 and 100000000");
         }
         if rl.redis_key_prefix.len() > 128 || rl.redis_key_prefix.chars().any(char::is_whitespace) {
             c.bad(

@@ -32,6 +32,17 @@ pub enum GatewayError {
     BadRequest(String),
     #[error("origin not allowed")]
     OriginNotAllowed,
+    #[error("cross-site request refused: start from this site's own page")]
+    CrossSiteRefused,
+    /// The message says what is wrong with the ticket (never its content).
+    #[error("{0}")]
+    TicketInvalid(String),
+    #[error("{0}")]
+    TicketWrongFlow(String),
+    #[error("ticket already used: ask the application for a new one")]
+    TicketReplayed,
+    #[error("too many Coinbase API calls in flight, try again shortly")]
+    CdpBusy,
     #[error("too many requests")]
     /// `headers`: Retry-After, RateLimit-Policy and RateLimit, as the limiter renders them.
     RateLimited {
@@ -66,9 +77,11 @@ impl GatewayError {
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             BadRequest(_) => StatusCode::BAD_REQUEST,
-            OriginNotAllowed => StatusCode::FORBIDDEN,
+            OriginNotAllowed | CrossSiteRefused | TicketWrongFlow(_) => StatusCode::FORBIDDEN,
+            TicketInvalid(_) => StatusCode::UNAUTHORIZED,
+            TicketReplayed => StatusCode::CONFLICT,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            LimiterUnavailable | MintingNotConfigured | CdpRateLimited { .. } => {
+            LimiterUnavailable | MintingNotConfigured | CdpRateLimited { .. } | CdpBusy => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
         }
@@ -86,6 +99,11 @@ impl GatewayError {
             UnsupportedMediaType => "unsupported-media-type",
             BadRequest(_) => "invalid-request",
             OriginNotAllowed => "origin-not-allowed",
+            CrossSiteRefused => "cross-site-refused",
+            TicketInvalid(_) => "ticket-invalid",
+            TicketWrongFlow(_) => "ticket-wrong-flow",
+            TicketReplayed => "ticket-replayed",
+            CdpBusy => "cdp-busy",
             RateLimited { .. } => "rate-limited",
             LimiterUnavailable => "rate-limiter-unavailable",
             MintingNotConfigured => "minting-not-configured",
@@ -103,6 +121,11 @@ impl GatewayError {
             GatewayError::CdpRateLimited { retry_after } => {
                 vec![(http::header::RETRY_AFTER, retry_after_value(*retry_after))]
             }
+            // A queue that stayed full for the whole CDP timeout: come back in a second.
+            GatewayError::CdpBusy => vec![(
+                http::header::RETRY_AFTER,
+                retry_after_value(Duration::from_secs(1)),
+            )],
             GatewayError::MethodNotAllowed => vec![(
                 http::header::ALLOW,
                 HeaderValue::from_static("GET, POST, OPTIONS"),

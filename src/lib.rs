@@ -11,6 +11,7 @@
 //! - [`mint`]: the onramp/offramp routes; [`onramp`] parses and validates their input.
 //! - [`cdp`]: CDP API key, JWT, token client. [`ratelimit`]: per-IP limits.
 //! - [`admin`], [`metrics`]: health, readiness and Prometheus metrics.
+//! - [`fetch_site`]: cross-site refusal; [`ticket`]: app-signed address tickets.
 //! - [`error`]: every client-facing error and its response, in one place.
 //! - [`server`]: start-up and graceful shutdown.
 
@@ -21,6 +22,7 @@ pub mod cli_mint;
 pub mod client_ip;
 pub mod config;
 pub mod error;
+pub mod fetch_site;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
@@ -31,4 +33,5 @@ pub mod proxy_protocol;
 pub mod ratelimit;
 pub mod routes;
 pub mod server;
+pub mod ticket;
 pub mod tls;

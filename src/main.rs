@@ -7,8 +7,9 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use onramp_gateway::cdp::key::CdpKey;
-use onramp_gateway::config::{self, Settings};
+use onramp_gateway::config::{self, AddressSource, Settings};
 use onramp_gateway::server::{self, Prepared};
+use onramp_gateway::ticket::TicketSecret;
 use onramp_gateway::tls::{self, CertSource, CertStore};
 use onramp_gateway::{cli_mint, logging};
 
@@ -77,15 +78,26 @@ fn prepare(settings: Settings) -> Result<Prepared, String> {
         Some(path) => Some(CdpKey::from_key_file(path).map_err(|e| e.to_string())?),
         None => CdpKey::from_env().map_err(|e| e.to_string())?,
     };
+    let ticket_secret = match settings.config.addresses.source {
+        AddressSource::Ticket => Some(
+            TicketSecret::from_env(&settings.config.addresses.ticket_secret_env)
+                .map_err(|e| e.to_string())?,
+        ),
+        _ => None,
+    };
     Ok(Prepared {
         settings: Arc::new(settings),
         certs,
         cdp_key,
+        ticket_secret,
     })
 }
 
 fn run(settings: Settings) -> ExitCode {
     let _log_guard = logging::init(&settings.config.log);
+    if let Some(warning) = request_source_warning(&settings) {
+        tracing::warn!("{warning}");
+    }
     let workers = settings.config.server.workers;
     let prepared = match prepare(settings) {
         Ok(p) => p,
@@ -133,6 +145,9 @@ fn run(settings: Settings) -> ExitCode {
 
 fn check(settings: Settings) -> ExitCode {
     let summary = summary_lines(&settings);
+    if let Some(warning) = request_source_warning(&settings) {
+        eprintln!("warning: {warning}");
+    }
     match prepare(settings) {
         Ok(prepared) => {
             for line in summary {
@@ -158,6 +173,18 @@ fn check(settings: Settings) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `addresses.source = "request"` on a public listener lets any website choose the
+/// destination wallet of a mint for its visitors (within the cross-site rules).
+fn request_source_warning(s: &Settings) -> Option<String> {
+    (s.config.addresses.source == AddressSource::Request && !s.listen.ip().is_loopback()).then(|| {
+        format!(
+            "addresses.source = \"request\" on {}: the browser chooses the destination address; \
+             use \"upstream\" or \"ticket\" so only your signed-in users mint for their own wallets",
+            s.listen
+        )
+    })
 }
 
 fn summary_lines(s: &Settings) -> Vec<String> {

@@ -60,6 +60,10 @@ pub struct Metrics {
     pub rate_limited: Counter,
     pub rate_limiter_errors: Counter,
     pub tls_cert_not_after: Gauge,
+    /// Minting requests refused before CDP, by reason (`fetch_site`, `referer`, `origin`,
+    /// `ticket_invalid`, `ticket_replayed`, `rate_limited`, `aggregate_limited`,
+    /// `global_limited`, `cdp_busy`, `limiter_full`).
+    pub mint_refused: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -136,8 +140,15 @@ impl Metrics {
             Unit::Seconds,
             tls_cert_not_after.clone(),
         );
+        let mint_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "mint_refused",
+            "Minting requests refused before any CDP call, by reason",
+            mint_refused.clone(),
+        );
         Self {
             registry,
+            mint_refused,
             tls_cert_not_after,
             requests,
             connections_active,
@@ -160,6 +171,12 @@ impl Metrics {
     pub fn count_mint(&self, kind: Route, result: &'static str) {
         self.token_mints
             .get_or_create(&MintLabels { kind, result })
+            .inc();
+    }
+
+    pub fn count_mint_refused(&self, reason: &'static str) {
+        self.mint_refused
+            .get_or_create(&ReasonLabels { reason })
             .inc();
     }
 

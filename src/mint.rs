@@ -1,9 +1,12 @@
 //! The token-minting routes (`onramp.path`, `offramp.path`).
 //!
-//! Order matters and follows Coinbase's security requirements: CORS gate (a
-//! disallowed origin never costs anything), per-IP rate limit (before any body is
-//! read, any app call or any CDP call), input validation, then one CDP call, then a
-//! redirect (`302` for GET, `303` for a form POST) or JSON for single-page apps.
+//! Order matters and follows Coinbase's security requirements: cross-site refusal
+//! (Fetch Metadata / Referer: a link, embed or form on another website never costs
+//! anything), CORS gate (a disallowed origin neither), layered rate limit (per IP, per
+//! prefix, global; before any body is read, any app call or any CDP call), input
+//! validation and the address source (request, app context, or app-signed ticket), then
+//! one CDP call (at most `max_concurrent_cdp_calls` in flight), then a redirect (`302`
+//! for GET, `303` for a form POST) or JSON for single-page apps.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,13 +24,16 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::body::{full, ResponseBody};
 use crate::cdp::client::{CdpClient, CdpError};
+use crate::cdp::jwt::unix_now;
 use crate::client_ip::{is_private, ClientIp};
 use crate::config::{AddressSource, OnBackendError, Settings};
 use crate::error::GatewayError;
+use crate::fetch_site::{self, CrossSitePolicy};
 use crate::metrics::{Metrics, Route};
 use crate::onramp::request::{self, ClientInput, ErrorOrigin, Flow, MintRequest, Rules};
 use crate::proxy::strip_hop_by_hop;
-use crate::ratelimit::{response_headers, Decision, RateLimiter};
+use crate::ratelimit::{response_headers, LimiterError, RateLimiter};
+use crate::ticket::{self, TicketError, TicketVerifier};
 
 /// Form and JSON bodies of these routes are a few hundred bytes.
 const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -42,6 +48,9 @@ pub struct Minter {
     limiter: Arc<dyn RateLimiter>,
     metrics: Arc<Metrics>,
     context: Option<ContextClient>,
+    /// `addresses.source = "ticket"`.
+    tickets: Option<TicketVerifier>,
+    cross_site: CrossSitePolicy,
     private_ip_warned: AtomicBool,
 }
 
@@ -66,15 +75,22 @@ impl Minter {
         cdp: CdpClient,
         limiter: Arc<dyn RateLimiter>,
         metrics: Arc<Metrics>,
+        tickets: Option<TicketVerifier>,
     ) -> Self {
         let context = (settings.config.addresses.source == AddressSource::Upstream)
             .then(|| ContextClient::new(&settings));
+        let cross_site = CrossSitePolicy::new(
+            &settings.config.onramp.allowed_fetch_sites,
+            &settings.config.cors.allowed_origins,
+        );
         Self {
             settings,
             cdp,
             limiter,
             metrics,
             context,
+            tickets,
+            cross_site,
             private_ip_warned: AtomicBool::new(false),
         }
     }
@@ -85,19 +101,21 @@ impl Minter {
         route: Route,
         client: ClientIp,
     ) -> Response<ResponseBody> {
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()))
-            .map(str::to_string);
+        let own_origin = fetch_site::own_origin(&req);
         let origin = decide_origin(
             req.headers(),
-            host.as_deref(),
+            own_origin.as_deref(),
             &self.settings.config.cors.allowed_origins,
         );
         let json = crate::error::wants_json(req.headers());
-        let mut response = match self.mint(req, route, client, &origin).await {
+        let outcome = match self.cross_site.check(req.headers(), own_origin.as_deref()) {
+            Err(refusal) => {
+                self.metrics.count_mint_refused(refusal.reason());
+                Err(GatewayError::CrossSiteRefused)
+            }
+            Ok(()) => self.mint(req, route, client, &origin).await,
+        };
+        let mut response = match outcome {
             Ok(r) => {
                 self.metrics.count_mint(route, "ok");
                 r
@@ -140,6 +158,7 @@ impl Minter {
             Flow::Onramp
         };
         if matches!(origin, OriginDecision::Denied) {
+            self.metrics.count_mint_refused("origin");
             return Err(GatewayError::OriginNotAllowed);
         }
         if req.method() == Method::OPTIONS {
@@ -153,21 +172,31 @@ impl Minter {
 
         let (parts, body) = req.into_parts();
         let (input, answer) = read_input(&parts, body).await?;
-        let mint_request = match &self.context {
-            None => validate(&input, &self.rules(flow))?,
-            Some(context) => {
-                let context_json = match context.fetch(&parts.headers, client.ip).await? {
-                    ContextAnswer::Json(bytes) => bytes,
-                    ContextAnswer::Relay(response) => return Ok(response),
-                };
-                let client_input = match &input {
-                    Input::Query(q) => ClientInput::Query(q),
-                    Input::Form(b) => ClientInput::Form(b),
-                    Input::Json(b) => ClientInput::Json(b),
-                };
-                request::from_upstream_context(&context_json, client_input, &self.rules(flow))
-                    .map_err(validation_error)?
-            }
+        let client_input = match &input {
+            Input::Query(q) => ClientInput::Query(q),
+            Input::Form(b) => ClientInput::Form(b),
+            Input::Json(b) => ClientInput::Json(b),
+        };
+        let mint_request = if let Some(context) = &self.context {
+            let context_json = match context.fetch(&parts.headers, client.ip).await? {
+                ContextAnswer::Json(bytes) => bytes,
+                ContextAnswer::Relay(response) => return Ok(response),
+            };
+            request::from_upstream_context(&context_json, client_input, &self.rules(flow))
+                .map_err(validation_error)?
+        } else if let Some(tickets) = &self.tickets {
+            let ticket = self.verify_ticket(tickets, &input, flow).await?;
+            request::from_upstream_context(&ticket.context_json, client_input, &self.rules(flow))
+                .map_err(|e| match e.origin {
+                    ErrorOrigin::Client => GatewayError::BadRequest(e.to_string()),
+                    // Signed by the app, but not a mintable request: the ticket is bad.
+                    ErrorOrigin::Upstream => {
+                        self.metrics.count_mint_refused("ticket_invalid");
+                        GatewayError::TicketInvalid(format!("ticket invalid: {e}"))
+                    }
+                })?
+        } else {
+            validate(&input, &self.rules(flow))?
         };
 
         let cdp_ip = self.cdp_client_ip(client.ip);
@@ -204,25 +233,82 @@ impl Minter {
 
     async fn rate_limit(&self, ip: IpAddr) -> Result<(), GatewayError> {
         match self.limiter.check(ip).await {
-            Ok(decision @ Decision::Limited { .. }) => {
+            Ok(verdict) if !verdict.is_allowed() => {
                 self.metrics.rate_limited.inc();
+                self.metrics
+                    .count_mint_refused(verdict.bucket.refused_reason());
                 Err(GatewayError::RateLimited {
-                    headers: response_headers(self.limiter.policy(), &decision),
+                    headers: response_headers(&verdict),
                 })
             }
-            Ok(Decision::Allowed { .. }) => Ok(()),
-            Err(e) => {
-                self.metrics.rate_limiter_errors.inc();
-                match self.settings.config.rate_limit.on_backend_error {
-                    OnBackendError::Deny => {
-                        tracing::warn!(error = %e, "rate limiter unavailable: denying (on_backend_error = \"deny\")");
-                        Err(GatewayError::LimiterUnavailable)
-                    }
-                    OnBackendError::Allow => {
-                        tracing::warn!(error = %e, "rate limiter unavailable: allowing (on_backend_error = \"allow\")");
-                        Ok(())
-                    }
+            Ok(_) => Ok(()),
+            Err(e) => self.backend_failed(e),
+        }
+    }
+
+    /// A limiter or replay store that cannot answer (Redis down, `max_keys` reached):
+    /// `rate_limit.on_backend_error` decides, the one place that policy is applied.
+    fn backend_failed(&self, e: LimiterError) -> Result<(), GatewayError> {
+        if matches!(e, LimiterError::Full { .. }) {
+            self.metrics.count_mint_refused("limiter_full");
+        }
+        self.metrics.rate_limiter_errors.inc();
+        match self.settings.config.rate_limit.on_backend_error {
+            OnBackendError::Deny => {
+                tracing::warn!(error = %e, "rate limiter unavailable: denying (on_backend_error = \"deny\")");
+                Err(GatewayError::LimiterUnavailable)
+            }
+            OnBackendError::Allow => {
+                tracing::warn!(error = %e, "rate limiter unavailable: allowing (on_backend_error = \"allow\")");
+                Ok(())
+            }
+        }
+    }
+
+    /// The `ticket` parameter, verified for this route and used once.
+    async fn verify_ticket(
+        &self,
+        tickets: &TicketVerifier,
+        input: &Input,
+        flow: Flow,
+    ) -> Result<ticket::Ticket, GatewayError> {
+        let found = match input {
+            Input::Query(q) => ticket::from_pairs(q),
+            Input::Form(b) => ticket::from_pairs(&String::from_utf8_lossy(b)),
+            Input::Json(b) => ticket::from_json(b),
+        };
+        let checked =
+            found.and_then(|token| tickets.check(token.as_deref().unwrap_or(""), flow, unix_now()));
+        let refused = match checked {
+            Ok(verified) => match tickets.first_use(&verified, unix_now()).await {
+                Ok(true) => return Ok(verified.ticket),
+                Ok(false) => TicketError::Replayed,
+                // Replay store down or full: the operator's policy decides; "allow" mints
+                // without the single-use guarantee (logged and counted as limiter errors).
+                Err(e) => {
+                    self.backend_failed(e)?;
+                    return Ok(verified.ticket);
                 }
+            },
+            Err(e) => e,
+        };
+        match refused {
+            // check() never touches the store.
+            TicketError::Store(e) => {
+                self.backend_failed(e)?;
+                Err(GatewayError::LimiterUnavailable)
+            }
+            e @ TicketError::Invalid(_) => {
+                self.metrics.count_mint_refused("ticket_invalid");
+                Err(GatewayError::TicketInvalid(e.to_string()))
+            }
+            e @ TicketError::WrongFlow { .. } => {
+                self.metrics.count_mint_refused("ticket_invalid");
+                Err(GatewayError::TicketWrongFlow(e.to_string()))
+            }
+            TicketError::Replayed => {
+                self.metrics.count_mint_refused("ticket_replayed");
+                Err(GatewayError::TicketReplayed)
             }
         }
     }
@@ -254,6 +340,10 @@ impl Minter {
         }
         match e {
             CdpError::Timeout(_) => GatewayError::CdpTimeout,
+            CdpError::Busy { .. } => {
+                self.metrics.count_mint_refused("cdp_busy");
+                GatewayError::CdpBusy
+            }
             CdpError::RateLimited { retry_after } => GatewayError::CdpRateLimited { retry_after },
             CdpError::Rejected { .. } => GatewayError::CdpRejected,
             CdpError::Unreachable(_)

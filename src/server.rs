@@ -29,9 +29,13 @@ use crate::metrics::{ConnectionGuard, Metrics};
 use crate::mint::Minter;
 use crate::proxy::Proxy;
 use crate::proxy_protocol;
-use crate::ratelimit::{MemoryLimiter, Policy, RateLimiter, RedisLimiter};
+use crate::ratelimit::{LayeredMemory, Layers, RateLimiter, RedisLimiter};
 use crate::routes::App;
+use crate::ticket::{
+    MemoryReplayGuard, RedisReplayGuard, ReplayGuard, TicketSecret, TicketVerifier,
+};
 use crate::tls::{self, CertStore, TlsError};
+use redis::aio::ConnectionManager;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -54,6 +58,8 @@ pub struct Prepared {
     pub settings: Arc<Settings>,
     pub certs: Arc<CertStore>,
     pub cdp_key: Option<CdpKey>,
+    /// The HS256 ticket key (`addresses.source = "ticket"`), read at start-up.
+    pub ticket_secret: Option<TicketSecret>,
 }
 
 pub async fn run(prepared: Prepared) -> Result<(), StartError> {
@@ -61,6 +67,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         settings,
         certs,
         cdp_key,
+        ticket_secret,
     } = prepared;
     let c = &settings.config;
     tracing::info!(
@@ -86,7 +93,14 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let stop_accepting = CancellationToken::new();
     let drain = CancellationToken::new();
 
-    let limiter = build_limiter(&settings)?;
+    let redis = match settings.config.rate_limit.backend {
+        LimiterBackend::Redis => Some(
+            crate::ratelimit::redis::connect_lazy(&settings.config.rate_limit.redis_url)
+                .map_err(|e| StartError::Other(e.to_string()))?,
+        ),
+        LimiterBackend::Memory => None,
+    };
+    let limiter = build_limiter(&settings, redis.clone())?;
     let mut checks: Vec<(&'static str, HealthCheck)> = Vec::new();
     if settings.config.rate_limit.backend == LimiterBackend::Redis {
         let limiter = limiter.clone();
@@ -114,7 +128,16 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         connections.clone(),
     );
     let minter = match cdp_key {
-        Some(key) => Some(build_minter(&settings, key, limiter, metrics.clone())?),
+        Some(key) => {
+            let tickets = ticket_secret.map(|secret| build_tickets(&settings, &secret, redis));
+            Some(build_minter(
+                &settings,
+                key,
+                limiter,
+                metrics.clone(),
+                tickets,
+            )?)
+        }
         None => None,
     };
     let app = Arc::new(App::new(&settings, metrics.clone(), proxy, minter));
@@ -268,30 +291,41 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     Ok(())
 }
 
-/// The per-IP limiter of the minting routes, per `rate_limit.backend`.
-fn build_limiter(settings: &Settings) -> Result<Arc<dyn RateLimiter>, StartError> {
+/// The layered limiter of the minting routes, per `rate_limit.backend` (`redis` is
+/// the shared connection when that backend is configured).
+fn build_limiter(
+    settings: &Settings,
+    redis: Option<ConnectionManager>,
+) -> Result<Arc<dyn RateLimiter>, StartError> {
     let rl = &settings.config.rate_limit;
-    let policy = Policy {
-        requests_per_minute: rl.requests_per_minute,
-        burst: rl.burst,
-        ipv6_prefix: rl.ipv6_prefix,
-    };
-    let limiter: Arc<dyn RateLimiter> = match rl.backend {
-        LimiterBackend::Memory => {
-            let memory =
-                Arc::new(MemoryLimiter::new(policy).map_err(|e| StartError::Other(e.to_string()))?);
-            memory.spawn_housekeeping(memory.recommended_housekeeping_interval());
-            memory
-        }
-        LimiterBackend::Redis => {
+    let other = |e: &dyn std::fmt::Display| StartError::Other(e.to_string());
+    let layers = Layers::from_config(rl).map_err(|e| other(&e))?;
+    let limiter: Arc<dyn RateLimiter> = match redis {
+        None => Arc::new(LayeredMemory::new(&layers, rl.max_keys).map_err(|e| other(&e))?),
+        Some(connection) => {
             tracing::info!(on_backend_error = ?rl.on_backend_error, "rate limits shared through Redis");
             Arc::new(
-                RedisLimiter::new(policy, &rl.redis_url, &rl.redis_key_prefix)
-                    .map_err(|e| StartError::Other(e.to_string()))?,
+                RedisLimiter::new(&layers, connection, &rl.redis_key_prefix)
+                    .map_err(|e| other(&e))?,
             )
         }
     };
     Ok(limiter)
+}
+
+/// Ticket verification with its replay guard: in Redis when the limits are (so every
+/// replica refuses a `jti` any replica has seen), else in memory, bounded by `max_keys`.
+fn build_tickets(
+    settings: &Settings,
+    secret: &TicketSecret,
+    redis: Option<ConnectionManager>,
+) -> TicketVerifier {
+    let rl = &settings.config.rate_limit;
+    let replay: Arc<dyn ReplayGuard> = match redis {
+        Some(connection) => Arc::new(RedisReplayGuard::new(connection, &rl.redis_key_prefix)),
+        None => Arc::new(MemoryReplayGuard::new(rl.max_keys)),
+    };
+    TicketVerifier::new(secret, settings.config.addresses.ticket_max_age_s, replay)
 }
 
 /// The token-minting side: CDP client, per-IP rate limiter, validation rules.
@@ -300,6 +334,7 @@ fn build_minter(
     key: CdpKey,
     limiter: Arc<dyn RateLimiter>,
     metrics: Arc<Metrics>,
+    tickets: Option<TicketVerifier>,
 ) -> Result<Minter, StartError> {
     if settings.cdp_api_base.scheme() == "http" {
         tracing::warn!(
@@ -314,9 +349,16 @@ fn build_minter(
         Arc::new(key),
         settings.cdp_timeout(),
     )
-    .map_err(|e| StartError::Other(e.to_string()))?;
+    .map_err(|e| StartError::Other(e.to_string()))?
+    .with_max_concurrent(settings.config.rate_limit.max_concurrent_cdp_calls);
     tracing::info!(key_id = %key_id, algorithm, token_url = %cdp.token_url(), "CDP API key loaded");
-    Ok(Minter::new(settings.clone(), cdp, limiter, metrics))
+    Ok(Minter::new(
+        settings.clone(),
+        cdp,
+        limiter,
+        metrics,
+        tickets,
+    ))
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {

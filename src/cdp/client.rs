@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::jwt::{build_jwt, unix_now, JwtError};
 use super::key::CdpKey;
@@ -52,6 +53,9 @@ pub enum CdpError {
     BadResponse(String),
     #[error(transparent)]
     Jwt(#[from] JwtError),
+    /// `rate_limit.max_concurrent_cdp_calls` calls were in flight for the whole wait.
+    #[error("{max} CDP calls in flight; none finished within {waited:?}")]
+    Busy { max: usize, waited: Duration },
 }
 
 impl CdpError {
@@ -65,6 +69,7 @@ impl CdpError {
             CdpError::Rejected { .. } => "cdp-rejected",
             CdpError::BadResponse(_) => "cdp-bad-response",
             CdpError::Jwt(_) => "jwt-error",
+            CdpError::Busy { .. } => "cdp-busy",
         }
     }
 }
@@ -84,7 +89,15 @@ pub struct CdpClient {
     token_url: url::Url,
     key: Arc<CdpKey>,
     timeout: Duration,
+    /// Bounds the calls in flight (`rate_limit.max_concurrent_cdp_calls`): a slow CDP
+    /// must not let waiting mints, each holding buffers and a connection, pile up without
+    /// bound. Callers queue for a permit up to `timeout`, then get [`CdpError::Busy`].
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
 }
+
+/// Default for [`CdpClient::with_max_concurrent`] (`rate_limit.max_concurrent_cdp_calls`).
+pub const DEFAULT_MAX_CONCURRENT: usize = 256;
 
 impl CdpClient {
     pub fn new(api_base: &url::Url, key: Arc<CdpKey>, timeout: Duration) -> Result<Self, CdpError> {
@@ -108,7 +121,29 @@ impl CdpClient {
             token_url,
             key,
             timeout,
+            in_flight: Arc::new(Semaphore::new(DEFAULT_MAX_CONCURRENT)),
+            max_in_flight: DEFAULT_MAX_CONCURRENT,
         })
+    }
+
+    /// At most `max` CDP calls in flight at once (at least 1).
+    pub fn with_max_concurrent(mut self, max: usize) -> Self {
+        let max = max.clamp(1, Semaphore::MAX_PERMITS);
+        self.in_flight = Arc::new(Semaphore::new(max));
+        self.max_in_flight = max;
+        self
+    }
+
+    /// Waits (up to the call timeout) for a free slot among the calls in flight.
+    async fn slot(&self) -> Result<SemaphorePermit<'_>, CdpError> {
+        match tokio::time::timeout(self.timeout, self.in_flight.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            // Err(_) from acquire means the semaphore was closed, which this code never does.
+            _ => Err(CdpError::Busy {
+                max: self.max_in_flight,
+                waited: self.timeout,
+            }),
+        }
     }
 
     pub fn token_url(&self) -> &url::Url {
@@ -122,6 +157,7 @@ impl CdpClient {
         assets: &[String],
         client_ip: IpAddr,
     ) -> Result<(SessionToken, Duration), CdpError> {
+        let _slot = self.slot().await?;
         let started = Instant::now();
         let jwt = build_jwt(&self.key, "POST", &self.token_url, unix_now())?;
         let body = TokenRequestBody {

@@ -13,16 +13,50 @@ use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
-use governor::state::keyed::DashMapStateStore;
+use governor::nanos::Nanos;
+use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
+use governor::state::StateStore;
 use governor::Quota;
 
-use super::{limiter_key, BoxFuture, Decision, LimiterError, Policy, PolicyError, RateLimiter};
+use super::{limiter_key, Decision, LimiterError, Policy, PolicyError};
 
 /// Floor for the housekeeping period, so a zero or tiny value cannot spin a worker.
 pub const MIN_HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(10);
 
-type Keyed<C> =
-    governor::RateLimiter<IpAddr, DashMapStateStore<IpAddr>, C, StateInformationMiddleware>;
+type Keyed<C> = governor::RateLimiter<IpAddr, SharedStore, C, StateInformationMiddleware>;
+
+/// governor's own DashMap store, shared with the limiter so [`MemoryLimiter`] can ask
+/// whether a key is already held before letting governor insert it (`max_keys`):
+/// governor's keyed limiter inserts on every check and has no "is this key known" query.
+/// Every operation delegates to governor's `DashMapStateStore` implementation.
+#[derive(Clone, Default)]
+struct SharedStore(Arc<DashMapStateStore<IpAddr>>);
+
+impl StateStore for SharedStore {
+    type Key = IpAddr;
+
+    fn measure_and_replace<T, F, E>(&self, key: &IpAddr, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        self.0.measure_and_replace(key, f)
+    }
+}
+
+impl ShrinkableKeyedStateStore<IpAddr> for SharedStore {
+    fn retain_recent(&self, drop_below: Nanos) {
+        ShrinkableKeyedStateStore::retain_recent(&*self.0, drop_below)
+    }
+    fn shrink_to_fit(&self) {
+        ShrinkableKeyedStateStore::shrink_to_fit(&*self.0)
+    }
+    fn len(&self) -> usize {
+        ShrinkableKeyedStateStore::len(&*self.0)
+    }
+    fn is_empty(&self) -> bool {
+        ShrinkableKeyedStateStore::is_empty(&*self.0)
+    }
+}
 
 /// The memory backend. Generic over governor's clock so tests can drive time with
 /// `governor::clock::FakeRelativeClock`; the server uses the default (quanta, monotonic).
@@ -33,6 +67,9 @@ pub struct MemoryLimiter<C: Clock = DefaultClock> {
     /// `T`, to turn governor's remaining whole tokens into a "reset" for allowed requests.
     emission: Duration,
     inner: Keyed<C>,
+    store: SharedStore,
+    /// Distinct keys held at most (`rate_limit.max_keys`); a new key beyond it is refused.
+    max_keys: usize,
 }
 
 impl<C: Clock> std::fmt::Debug for MemoryLimiter<C> {
@@ -60,14 +97,36 @@ impl<C: Clock> MemoryLimiter<C> {
         // per_minute(rpm): T = 60 s / rpm (integer nanoseconds); allow_burst: bucket of
         // `burst`, i.e. τ = T × (burst − 1). The same numbers as `gcra::Gcra::from_policy`.
         let quota = Quota::per_minute(rpm).allow_burst(burst);
-        let inner = governor::RateLimiter::dashmap_with_clock(quota, clock)
-            .with_middleware::<StateInformationMiddleware>();
+        let store = SharedStore::default();
+        let inner: Keyed<C> = governor::RateLimiter::new(quota, store.clone(), clock);
         Ok(MemoryLimiter {
             tolerance: policy.tolerance(),
             emission: policy.emission_interval(),
             policy,
             inner,
+            store,
+            max_keys: usize::MAX,
         })
+    }
+
+    /// Caps the distinct keys held (`rate_limit.max_keys`). The cap is checked before
+    /// governor inserts, so it can be overshot by at most the number of concurrent checks.
+    pub fn with_max_keys(mut self, max_keys: usize) -> Self {
+        self.max_keys = max_keys.max(1);
+        self
+    }
+
+    /// Like [`check_now`](Self::check_now), but a key not yet held while `max_keys` keys
+    /// are held is refused with [`LimiterError::Full`] instead of growing the map: an
+    /// address spray then meets the operator's `on_backend_error` policy, not an OOM kill.
+    pub fn check_capped(&self, ip: IpAddr) -> Result<Decision, LimiterError> {
+        let key = limiter_key(ip, self.policy.ipv6_prefix);
+        if self.store.0.len() >= self.max_keys && !self.store.0.contains_key(&key) {
+            return Err(LimiterError::Full {
+                max_keys: self.max_keys,
+            });
+        }
+        Ok(self.check_now(ip))
     }
 
     /// Counts one request from `ip` (keyed with [`limiter_key`]) — synchronous, never blocks
@@ -107,6 +166,11 @@ impl<C: Clock> MemoryLimiter<C> {
     pub fn sweep(&self) {
         self.inner.retain_recent();
         self.inner.shrink_to_fit();
+    }
+
+    /// The bucket numbers.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     /// Keys currently held (for tests and metrics).
@@ -177,29 +241,12 @@ where
     }
 }
 
-impl<C> RateLimiter for MemoryLimiter<C>
-where
-    C: Clock + Send + Sync + 'static,
-    C::Instant: Send + Sync,
-{
-    fn check(&self, ip: IpAddr) -> BoxFuture<'_, Result<Decision, LimiterError>> {
-        // Nothing to wait for: decide now, hand back a ready future.
-        Box::pin(std::future::ready(Ok(self.check_now(ip))))
-    }
-
-    fn policy(&self) -> &Policy {
-        &self.policy
-    }
-
-    fn health(&self) -> BoxFuture<'_, Result<(), LimiterError>> {
-        Box::pin(std::future::ready(Ok(())))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::gcra::{Gcra, Step, NANOS_PER_SECOND};
-    use super::super::{response_headers, retry_after_secs};
+    use super::super::{
+        response_headers, retry_after_secs, BucketKind, LayeredMemory, Layers, RateLimiter, Verdict,
+    };
     use super::*;
     use governor::clock::FakeRelativeClock;
     use std::net::{Ipv4Addr, Ipv6Addr};
@@ -217,6 +264,14 @@ mod tests {
             FakeRelativeClock::default(),
         )
         .expect("valid test policy")
+    }
+
+    fn verdict(lim: &MemoryLimiter<FakeRelativeClock>, decision: Decision) -> Verdict {
+        Verdict {
+            bucket: BucketKind::Ip,
+            policy: *lim.policy(),
+            decision,
+        }
     }
 
     fn ip4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
@@ -313,14 +368,14 @@ mod tests {
             lim.clock().advance(Duration::from_millis(step_ms));
             let d = lim.check_now(ip);
             assert!(!d.is_allowed());
-            let h = response_headers(lim.policy(), &d);
+            let h = response_headers(&verdict(&lim, d));
             let get = |name: &str| {
                 h.iter()
                     .find(|(n, _)| n.as_str() == name)
                     .map(|(_, v)| v.to_str().expect("ascii").to_owned())
             };
             assert_eq!(get("retry-after").as_deref(), Some("1"));
-            assert_eq!(get("ratelimit").as_deref(), Some("\"onramp\";r=0;t=1"));
+            assert_eq!(get("ratelimit").as_deref(), Some("\"ip\";r=0;t=1"));
         }
     }
 
@@ -331,7 +386,7 @@ mod tests {
         let mut seen = Vec::new();
         for _ in 0..6 {
             let d = lim.check_now(ip);
-            let h = response_headers(lim.policy(), &d);
+            let h = response_headers(&verdict(&lim, d));
             seen.push(
                 h.iter()
                     .map(|(n, v)| format!("{n}: {}", v.to_str().expect("ascii")))
@@ -339,16 +394,16 @@ mod tests {
                     .join(" | "),
             );
         }
-        let policy = "ratelimit-policy: \"onramp\";q=5;w=30";
+        let policy = "ratelimit-policy: \"ip\";q=5;w=30";
         assert_eq!(
             seen,
             vec![
-                format!("{policy} | ratelimit: \"onramp\";r=4;t=6"),
-                format!("{policy} | ratelimit: \"onramp\";r=3;t=12"),
-                format!("{policy} | ratelimit: \"onramp\";r=2;t=18"),
-                format!("{policy} | ratelimit: \"onramp\";r=1;t=24"),
-                format!("{policy} | ratelimit: \"onramp\";r=0;t=30"),
-                format!("{policy} | ratelimit: \"onramp\";r=0;t=6 | retry-after: 6"),
+                format!("{policy} | ratelimit: \"ip\";r=4;t=6"),
+                format!("{policy} | ratelimit: \"ip\";r=3;t=12"),
+                format!("{policy} | ratelimit: \"ip\";r=2;t=18"),
+                format!("{policy} | ratelimit: \"ip\";r=1;t=24"),
+                format!("{policy} | ratelimit: \"ip\";r=0;t=30"),
+                format!("{policy} | ratelimit: \"ip\";r=0;t=6 | retry-after: 6"),
             ]
         );
     }
@@ -382,24 +437,24 @@ mod tests {
 
     #[test]
     fn trait_object_works() {
-        let lim: Arc<dyn RateLimiter> = Arc::new(limiter(10, 1));
+        let layers = Layers::per_ip(Policy {
+            burst: 1,
+            ..Policy::default()
+        })
+        .expect("valid");
+        let lim: Arc<dyn RateLimiter> = Arc::new(
+            LayeredMemory::with_clock(&layers, 10, FakeRelativeClock::default).expect("valid"),
+        );
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
         rt.block_on(async {
             let ip = ip4(192, 0, 2, 200);
-            assert!(lim
-                .check(ip)
-                .await
-                .expect("memory never fails")
-                .is_allowed());
-            assert!(!lim
-                .check(ip)
-                .await
-                .expect("memory never fails")
-                .is_allowed());
+            assert!(lim.check(ip).await.expect("not full").is_allowed());
+            let v = lim.check(ip).await.expect("not full");
+            assert!(!v.is_allowed());
+            assert_eq!(v.bucket, BucketKind::Ip);
             assert!(lim.health().await.is_ok());
-            assert_eq!(lim.policy().burst, 1);
         });
     }
 

@@ -23,15 +23,13 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 
 pub mod gcra;
+pub mod layers;
 pub mod memory;
 pub mod redis;
 
+pub use layers::{BucketKind, Layer, LayeredMemory, Layers, Verdict};
 pub use memory::MemoryLimiter;
 pub use redis::RedisLimiter;
-
-/// The policy name used in the `RateLimit-Policy` / `RateLimit` fields. One policy covers the
-/// onramp and offramp routes together, as they share one budget per client.
-pub const POLICY_NAME: &str = "onramp";
 
 /// Longest refill time (`burst × 60 / requests_per_minute`) a policy may have. A bucket that
 /// takes more than a day to refill is a configuration mistake, and the cap keeps every
@@ -81,6 +79,9 @@ pub enum PolicyError {
         max = MAX_REFILL_SECS
     )]
     RefillTooLong { burst: u32, rpm: u32, secs: u64 },
+    /// Any other bad `[rate_limit]` value (the message names the key).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl Policy {
@@ -176,19 +177,20 @@ pub enum LimiterError {
         backend: &'static str,
         detail: String,
     },
+    /// The memory backend holds `rate_limit.max_keys` buckets and this client is new.
+    #[error("rate-limit memory backend holds rate_limit.max_keys = {max_keys} buckets")]
+    Full { max_keys: usize },
 }
 
 /// A boxed, `Send` future borrowing the limiter: keeps the trait object-safe without
 /// `async_trait`, so the server can hold `Arc<dyn RateLimiter>`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// A per-client rate limiter. Callers pass the client IP as decided by the client-IP logic
-/// (socket peer / trusted proxy); the limiter derives the bucket key with [`limiter_key`].
+/// A layered rate limiter ([`Layers`]). Callers pass the client IP as decided by the
+/// client-IP logic (socket peer / trusted proxy); each layer derives its bucket key.
 pub trait RateLimiter: Send + Sync + 'static {
-    /// Counts one request from `ip` and says whether it may proceed.
-    fn check(&self, ip: IpAddr) -> BoxFuture<'_, Result<Decision, LimiterError>>;
-    /// The policy this limiter enforces (for the response headers).
-    fn policy(&self) -> &Policy;
+    /// Counts one request from `ip` against every layer and says whether it may proceed.
+    fn check(&self, ip: IpAddr) -> BoxFuture<'_, Result<Verdict, LimiterError>>;
     /// Health for /readyz (memory: always Ok).
     fn health(&self) -> BoxFuture<'_, Result<(), LimiterError>>;
 }
@@ -234,8 +236,8 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
 /// (RFC 9651) of policy items:
 ///
 /// ```text
-/// RateLimit-Policy: "onramp";q=<burst>;w=<ceil(burst × 60 / rpm)>
-/// RateLimit:        "onramp";r=<remaining>;t=<seconds>
+/// RateLimit-Policy: "<bucket>";q=<burst>;w=<ceil(burst × 60 / rpm)>
+/// RateLimit:        "<bucket>";r=<remaining>;t=<seconds>
 /// Retry-After:      <seconds>                        (Limited only)
 /// ```
 ///
@@ -263,7 +265,10 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
 ///
 /// Note (draft section 6): on 3xx answers these fields may make a client delay following the
 /// `Location`, so the server should send them on 429 (and JSON) answers, not on the redirects.
-pub fn response_headers(policy: &Policy, decision: &Decision) -> Vec<(HeaderName, HeaderValue)> {
+///
+/// `<bucket>` is the layer that answered ([`BucketKind::name`]: `ip`, `prefix`, `global`).
+pub fn response_headers(verdict: &Verdict) -> Vec<(HeaderName, HeaderValue)> {
+    let (name, policy, decision) = (verdict.bucket.name(), &verdict.policy, &verdict.decision);
     let q = policy.burst;
     let w = ceil_secs(policy.refill_time()).max(1);
     let (r, t, retry_after) = match *decision {
@@ -283,8 +288,8 @@ pub fn response_headers(policy: &Policy, decision: &Decision) -> Vec<(HeaderName
             out.push((name.clone(), v));
         }
     };
-    push(&RATELIMIT_POLICY, format!("\"{POLICY_NAME}\";q={q};w={w}"));
-    push(&RATELIMIT, format!("\"{POLICY_NAME}\";r={r};t={t}"));
+    push(&RATELIMIT_POLICY, format!("\"{name}\";q={q};w={w}"));
+    push(&RATELIMIT, format!("\"{name}\";r={r};t={t}"));
     if let Some(secs) = retry_after {
         push(&http::header::RETRY_AFTER, secs.to_string());
     }
@@ -301,10 +306,14 @@ mod tests {
     }
 
     fn rendered(policy: &Policy, d: &Decision) -> Vec<(String, String)> {
-        response_headers(policy, d)
-            .into_iter()
-            .map(|(n, v)| (n.to_string(), v.to_str().expect("ascii").to_owned()))
-            .collect()
+        response_headers(&Verdict {
+            bucket: BucketKind::Ip,
+            policy: *policy,
+            decision: *d,
+        })
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v.to_str().expect("ascii").to_owned()))
+        .collect()
     }
 
     fn pair(n: &str, v: &str) -> (String, String) {
@@ -430,8 +439,8 @@ mod tests {
         assert_eq!(
             rendered(&p, &d),
             vec![
-                pair("ratelimit-policy", "\"onramp\";q=5;w=30"),
-                pair("ratelimit", "\"onramp\";r=4;t=6"),
+                pair("ratelimit-policy", "\"ip\";q=5;w=30"),
+                pair("ratelimit", "\"ip\";r=4;t=6"),
             ]
         );
         // Sub-second remainders round up.
@@ -439,7 +448,7 @@ mod tests {
             remaining: 0,
             reset: Duration::from_millis(29_001),
         };
-        assert_eq!(rendered(&p, &d)[1].1, "\"onramp\";r=0;t=30");
+        assert_eq!(rendered(&p, &d)[1].1, "\"ip\";r=0;t=30");
     }
 
     #[test]
@@ -452,8 +461,8 @@ mod tests {
         assert_eq!(
             rendered(&p, &d),
             vec![
-                pair("ratelimit-policy", "\"onramp\";q=5;w=30"),
-                pair("ratelimit", "\"onramp\";r=0;t=6"),
+                pair("ratelimit-policy", "\"ip\";q=5;w=30"),
+                pair("ratelimit", "\"ip\";r=0;t=6"),
                 pair("retry-after", "6"),
             ]
         );
@@ -470,7 +479,7 @@ mod tests {
             reset: Duration::ZERO,
         };
         let h = rendered(&Policy::default(), &d);
-        assert_eq!(h[1].1, "\"onramp\";r=0;t=1");
+        assert_eq!(h[1].1, "\"ip\";r=0;t=1");
         assert_eq!(h[2], pair("retry-after", "1"));
     }
 
@@ -488,8 +497,8 @@ mod tests {
         assert_eq!(
             rendered(&fast, &d),
             vec![
-                pair("ratelimit-policy", "\"onramp\";q=1;w=1"),
-                pair("ratelimit", "\"onramp\";r=0;t=1"),
+                pair("ratelimit-policy", "\"ip\";q=1;w=1"),
+                pair("ratelimit", "\"ip\";r=0;t=1"),
             ]
         );
         let odd = Policy {
@@ -497,7 +506,7 @@ mod tests {
             burst: 1,
             ipv6_prefix: 64,
         };
-        assert_eq!(rendered(&odd, &d)[0].1, "\"onramp\";q=1;w=9");
+        assert_eq!(rendered(&odd, &d)[0].1, "\"ip\";q=1;w=9");
     }
 
     #[test]
@@ -506,6 +515,6 @@ mod tests {
             remaining: 99,
             reset: Duration::ZERO,
         };
-        assert_eq!(rendered(&Policy::default(), &d)[1].1, "\"onramp\";r=5;t=0");
+        assert_eq!(rendered(&Policy::default(), &d)[1].1, "\"ip\";r=5;t=0");
     }
 }

@@ -1,12 +1,13 @@
-//! Redis (or Valkey) backend: the per-IP limit shared by every replica.
+//! Redis (or Valkey) backend: the layered limits shared by every replica.
 //!
-//! One atomic GCRA step per request, in a Lua script run with EVALSHA (the `redis`
-//! crate's `Script` falls back to loading it on `NOSCRIPT`), so a request costs exactly
-//! one round trip. The script is [`super::gcra`]'s step, in integer microseconds (Lua
-//! numbers are doubles: epoch microseconds fit in 53 bits, nanoseconds do not), with
-//! the clock taken from Redis `TIME` so replicas with skewed clocks still agree. Each
-//! key is one client's TAT with a TTL of its reset time: an idle client costs Redis
-//! nothing. A single key per call keeps it valid on Redis Cluster.
+//! One atomic script call per request covers every layer ([`super::Layers`]: per IP,
+//! per prefix, global), run with EVALSHA (the `redis` crate's `Script` falls back to
+//! loading it on `NOSCRIPT`), so a request costs exactly one round trip. For each layer
+//! in order the script runs [`super::gcra`]'s step, in integer microseconds (Lua numbers
+//! are doubles: epoch microseconds fit in 53 bits, nanoseconds do not), with the clock
+//! taken from Redis `TIME` so replicas with skewed clocks still agree, and stops at the
+//! first refusal (earlier layers are not refunded, as in the memory backend). Each key is
+//! one bucket's TAT with a TTL of its reset time: an idle client costs Redis nothing.
 //!
 //! The connection is a `ConnectionManager` created lazily (the gateway starts and
 //! serves even while Redis is down, applying `on_backend_error`) that reconnects by
@@ -19,33 +20,40 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
 use super::gcra::{Gcra, Step, MICROS_PER_SECOND};
-use super::{limiter_key, BoxFuture, Decision, LimiterError, Policy, PolicyError, RateLimiter};
+use super::{BoxFuture, Layer, Layers, LimiterError, PolicyError, RateLimiter, Verdict};
 
 /// Per-call bound: a limiter that stalls must not stall the minting route.
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 const BACKEND: &str = "redis";
 
-/// KEYS[1] = the client's bucket; ARGV[1] = T (µs); ARGV[2] = τ (µs).
-/// Returns {1, remaining, reset_us} or {0, retry_after_us, reset_us}.
+/// KEYS[i] = layer i's bucket; ARGV[2i-1] = its T (µs), ARGV[2i] = its τ (µs).
+/// Returns {1, 1, remaining, reset_us} (all allowed; numbers of layer 1) or
+/// {0, i, retry_after_us, reset_us} (layer i refused; later layers untouched).
 const GCRA_LUA: &str = r#"
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
-local t = tonumber(ARGV[1])
-local tau = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now) or now
-local earliest = tat - tau
-if now < earliest then
-  return {0, earliest - now, tat - now}
+local first_remaining, first_reset = 0, 0
+for i = 1, #KEYS do
+  local t = tonumber(ARGV[2 * i - 1])
+  local tau = tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now) or now
+  local earliest = tat - tau
+  if now < earliest then
+    return {0, i, earliest - now, tat - now}
+  end
+  local new_tat = math.max(tat, now) + t
+  local reset = new_tat - now
+  redis.call('SET', KEYS[i], string.format('%d', new_tat), 'PX', math.ceil(reset / 1000))
+  if i == 1 then
+    first_remaining = math.floor((tau + t - reset) / t)
+    first_reset = reset
+  end
 end
-local new_tat = math.max(tat, now) + t
-local reset = new_tat - now
-redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil(reset / 1000))
-return {1, math.floor((tau + t - reset) / t), reset}
+return {1, 1, first_remaining, first_reset}
 "#;
 
 pub struct RedisLimiter {
-    policy: Policy,
-    gcra: Gcra,
+    layers: Vec<(Layer, Gcra)>,
     prefix: String,
     script: Script,
     connection: ConnectionManager,
@@ -62,61 +70,87 @@ pub enum RedisSetupError {
 impl RedisLimiter {
     /// Does not connect: the first request (or `/readyz`) does, and failures are
     /// reported per call.
-    pub fn new(policy: Policy, redis_url: &str, key_prefix: &str) -> Result<Self, RedisSetupError> {
-        policy.validate()?;
-        let client = redis::Client::open(redis_url).map_err(RedisSetupError::Url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CALL_TIMEOUT))
-            .set_response_timeout(Some(CALL_TIMEOUT))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(RedisSetupError::Url)?;
+    pub fn new(
+        layers: &Layers,
+        connection: ConnectionManager,
+        key_prefix: &str,
+    ) -> Result<Self, RedisSetupError> {
+        let mut built = Vec::new();
+        for layer in layers.iter() {
+            layer.policy.validate()?;
+            built.push((*layer, Gcra::from_policy(&layer.policy, MICROS_PER_SECOND)));
+        }
         Ok(Self {
-            gcra: Gcra::from_policy(&policy, MICROS_PER_SECOND),
-            policy,
+            layers: built,
             prefix: key_prefix.to_string(),
             script: Script::new(GCRA_LUA),
             connection,
         })
     }
 
-    fn key(&self, ip: IpAddr) -> String {
-        format!(
-            "{}{}",
-            self.prefix,
-            limiter_key(ip, self.policy.ipv6_prefix)
-        )
+    /// `{prefix}{bucket}:{key}`, e.g. `onramp-gateway:rl:prefix:2001:db8:1::`.
+    fn key(&self, layer: &Layer, ip: IpAddr) -> String {
+        format!("{}{}:{}", self.prefix, layer.kind.name(), layer.key(ip))
     }
 
-    async fn step(&self, ip: IpAddr) -> Result<Decision, LimiterError> {
+    async fn step(&self, ip: IpAddr) -> Result<Verdict, LimiterError> {
         let mut connection = self.connection.clone();
-        let mut invocation = self.script.key(self.key(ip));
-        invocation.arg(self.gcra.emission).arg(self.gcra.tolerance);
+        let mut invocation = self.script.prepare_invoke();
+        for (layer, gcra) in &self.layers {
+            invocation
+                .key(self.key(layer, ip))
+                .arg(gcra.emission)
+                .arg(gcra.tolerance);
+        }
         let reply: Vec<i64> = bounded(invocation.invoke_async(&mut connection)).await?;
-        let step = match reply.as_slice() {
-            [1, remaining, reset] => Step::Allowed {
+        let bad = |detail: String| LimiterError::BadReply {
+            backend: BACKEND,
+            detail,
+        };
+        let (allowed, index, a, b) = match reply.as_slice() {
+            [allowed @ (0 | 1), index, a, b] => (*allowed == 1, *index, *a, *b),
+            other => return Err(bad(format!("{other:?}"))),
+        };
+        let (layer, gcra) = usize::try_from(index)
+            .ok()
+            .and_then(|i| i.checked_sub(1))
+            .and_then(|i| self.layers.get(i))
+            .ok_or_else(|| bad(format!("layer index {index}")))?;
+        let step = if allowed {
+            Step::Allowed {
                 new_tat: 0,
-                remaining: u32::try_from(*remaining).unwrap_or(0),
-                reset: u64::try_from(*reset).unwrap_or(0),
-            },
-            [0, retry_after, reset] => Step::Limited {
-                retry_after: u64::try_from(*retry_after).unwrap_or(0),
-                reset: u64::try_from(*reset).unwrap_or(0),
-            },
-            other => {
-                return Err(LimiterError::BadReply {
-                    backend: BACKEND,
-                    detail: format!("{other:?}"),
-                })
+                remaining: u32::try_from(a).unwrap_or(0),
+                reset: u64::try_from(b).unwrap_or(0),
+            }
+        } else {
+            Step::Limited {
+                retry_after: u64::try_from(a).unwrap_or(0),
+                reset: u64::try_from(b).unwrap_or(0),
             }
         };
-        Ok(self.gcra.decision(step))
+        Ok(Verdict {
+            bucket: layer.kind,
+            policy: layer.policy,
+            decision: gcra.decision(step),
+        })
     }
 }
 
+/// A lazily connecting, self-reconnecting connection to `redis_url` whose connects and
+/// calls are bounded by [`CALL_TIMEOUT`]. The limiter and the ticket replay guard share
+/// one (it is a cheap clone of a multiplexed connection).
+pub fn connect_lazy(redis_url: &str) -> Result<ConnectionManager, RedisSetupError> {
+    let client = redis::Client::open(redis_url).map_err(RedisSetupError::Url)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CALL_TIMEOUT))
+        .set_response_timeout(Some(CALL_TIMEOUT))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(1));
+    ConnectionManager::new_lazy_with_config(client, config).map_err(RedisSetupError::Url)
+}
+
 /// One Redis call under [`CALL_TIMEOUT`], its failure as a [`LimiterError`].
-async fn bounded<T>(
+pub async fn bounded<T>(
     call: impl std::future::Future<Output = redis::RedisResult<T>>,
 ) -> Result<T, LimiterError> {
     tokio::time::timeout(CALL_TIMEOUT, call)
@@ -132,12 +166,8 @@ async fn bounded<T>(
 }
 
 impl RateLimiter for RedisLimiter {
-    fn check(&self, ip: IpAddr) -> BoxFuture<'_, Result<Decision, LimiterError>> {
+    fn check(&self, ip: IpAddr) -> BoxFuture<'_, Result<Verdict, LimiterError>> {
         Box::pin(self.step(ip))
-    }
-
-    fn policy(&self) -> &Policy {
-        &self.policy
     }
 
     fn health(&self) -> BoxFuture<'_, Result<(), LimiterError>> {
