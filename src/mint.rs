@@ -364,7 +364,12 @@ enum OriginDecision {
     Denied,
 }
 
-fn decide_origin(headers: &HeaderMap, host: Option<&str>, allowed: &[String]) -> OriginDecision {
+/// `own_origin`: `https://` + the request's Host (see [`fetch_site::own_origin`]).
+fn decide_origin(
+    headers: &HeaderMap,
+    own_origin: Option<&str>,
+    allowed: &[String],
+) -> OriginDecision {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return OriginDecision::SameOrAbsent;
     };
@@ -376,10 +381,8 @@ fn decide_origin(headers: &HeaderMap, host: Option<&str>, allowed: &[String]) ->
     }
     // Same-origin requests (a form on the app's own page, served through this
     // gateway) carry Origin = https://<Host> (or :authority for HTTP/2).
-    if let (Some(rest), Some(host)) = (origin_str.strip_prefix("https://"), host) {
-        if rest.eq_ignore_ascii_case(host) {
-            return OriginDecision::SameOrAbsent;
-        }
+    if own_origin.is_some_and(|own| own.eq_ignore_ascii_case(origin_str)) {
+        return OriginDecision::SameOrAbsent;
     }
     OriginDecision::Denied
 }
@@ -681,13 +684,17 @@ mod tests {
         assert!(matches!(
             d(
                 &[("origin", "https://gw.example:8443")],
-                Some("gw.example:8443"),
+                Some("https://gw.example:8443"),
                 &[]
             ),
             OriginDecision::SameOrAbsent
         ));
         assert!(matches!(
-            d(&[("origin", "http://gw.example")], Some("gw.example"), &[]),
+            d(
+                &[("origin", "http://gw.example")],
+                Some("https://gw.example"),
+                &[]
+            ),
             OriginDecision::Denied
         ));
     }

@@ -537,7 +537,7 @@ async fn redis_and_memory_backends_agree_and_keys_expire() {
 /// Opens TCP to `gw` (from `local` if given), writes `preamble` (a PROXY header, or
 /// garbage), then does the TLS handshake. Bounded: a gateway that neither serves nor
 /// closes fails the test.
-async fn connect_with_preamble(
+pub(crate) async fn connect_with_preamble(
     gw: &Gateway,
     local: Option<IpAddr>,
     preamble: &[u8],
@@ -563,7 +563,7 @@ async fn connect_with_preamble(
 }
 
 /// One HTTP/1.1 GET over an established TLS stream.
-async fn h1_get(
+pub(crate) async fn h1_get(
     tls: TlsStream<TcpStream>,
     path: &str,
     headers: &[(&str, &str)],
@@ -599,7 +599,7 @@ fn v1(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<u8> {
     format!("PROXY TCP4 {src} {dst} {sport} {dport}\r\n").into_bytes()
 }
 
-fn v2(src: &str, dst: &str) -> Vec<u8> {
+pub(crate) fn v2(src: &str, dst: &str) -> Vec<u8> {
     let mut buf = Vec::new();
     ProxyHeader::with_address(ProxiedAddress::stream(
         src.parse().unwrap(),

@@ -7,6 +7,7 @@ mod browser;
 mod deploy_manifests;
 mod jwt_crosscheck;
 mod load_balancer;
+mod mint_trust;
 mod minting;
 mod operations;
 mod proxy;

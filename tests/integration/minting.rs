@@ -213,7 +213,7 @@ async fn problem_detail(resp: reqwest::Response) -> String {
 }
 
 /// Sum of the samples of `name` whose labels include `labels`.
-fn metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     metrics
         .lines()
         .filter(|l| !l.starts_with('#'))
@@ -1186,11 +1186,11 @@ async fn third_request_in_burst_is_429_with_headers_and_no_cdp_call() {
     // IETF httpapi draft: quota 2 per ceil(2 × 1 s) = 2 s.
     assert_eq!(
         header(&h, "ratelimit-policy"),
-        Some("\"onramp\";q=2;w=2"),
+        Some("\"ip\";q=2;w=2"),
         "{h:?}"
     );
     let rl = header(&h, "ratelimit").expect("RateLimit header");
-    assert!(rl.starts_with("\"onramp\";r=0;t="), "{rl}");
+    assert!(rl.starts_with("\"ip\";r=0;t="), "{rl}");
     assert_eq!(header(&h, "cache-control"), Some("no-store"));
     assert!(!problem_detail(resp).await.is_empty());
 
