@@ -34,6 +34,8 @@ use crate::common::gateway::{field_str, GatewayBuilder};
 
 /// A lower-case EVM address (no EIP-55 checksum to get wrong).
 const ADDRESS: &str = "0x71c7656ec7ab88b098defb751b7401b5f6d8976f";
+/// The other website's wallet.
+const ATTACKER: &str = "0x000000000000000000000000000000000000dead";
 /// Where the stand-in pretends Coinbase's hosted onramp lives.
 const STANDIN_PATH: &str = "/buy/select-asset";
 /// The whole test, browser start included; a healthy run takes a few seconds.
@@ -125,6 +127,27 @@ fn app_page(req: &Request<Incoming>) -> (StatusCode, String) {
     (StatusCode::OK, html)
 }
 
+/// Where the other site's link points (set once the gateway is up).
+static GATEWAY_ONRAMP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Another website (another origin: its own port on 127.0.0.1, while the gateway is
+/// `https://localhost`) linking to the gateway's onramp with *its* wallet.
+fn other_site_page(req: &Request<Incoming>) -> (StatusCode, String) {
+    if req.uri().path() != "/" {
+        return (StatusCode::NOT_FOUND, "<h1>not found</h1>".into());
+    }
+    let target = GATEWAY_ONRAMP.get().cloned().unwrap_or_default();
+    let html = format!(
+        r#"<!doctype html>
+<html><head><meta charset="utf-8"><title>Other site</title></head>
+<body><h1>Free crypto!</h1>
+<p><a id="lure" href="{}">Claim</a></p>
+</body></html>"#,
+        escape(&target)
+    );
+    (StatusCode::OK, html)
+}
+
 /// Stands in for pay.coinbase.com: shows the query it was opened with.
 fn standin_page(req: &Request<Incoming>) -> (StatusCode, String) {
     if req.uri().path() != STANDIN_PATH {
@@ -208,6 +231,9 @@ async fn run(tools: crate::common::browser::Tools) {
     }
     let gateway = builder.start().await;
     let trust = CertTrust::pin_leaf_of(&gateway.config.pki);
+    let _ =
+        GATEWAY_ONRAMP.set(gateway.url(&format!("/onramp?address={ATTACKER}&blockchains=base")));
+    let other_site = HtmlServer::start(other_site_page).await;
 
     let browser = Browser::launch(&tools, trust).await;
     let c = browser.client();
@@ -221,7 +247,66 @@ async fn run(tools: crate::common::browser::Tools) {
         "Chromium did not get the app's page from {home}"
     );
 
-    // 2. Click the link; the gateway mints and 302s to the stand-in.
+    // 1b. Another website's link to the gateway with its own wallet: Chromium labels the
+    //     navigation Sec-Fetch-Site: cross-site itself; the gateway refuses, mints nothing.
+    browser
+        .step(
+            "open the other site",
+            STEP,
+            c.goto(&format!("http://{}/", other_site.addr)),
+        )
+        .await;
+    let lure = browser
+        .step("find the lure", STEP, c.find(Locator::Id("lure")))
+        .await;
+    browser.step("click the lure", STEP, lure.click()).await;
+    let refused = browser
+        .step("read the refusal", STEP, async {
+            c.wait()
+                .at_most(STEP)
+                .for_element(Locator::Css("h1"))
+                .await?
+                .text()
+                .await
+        })
+        .await;
+    assert!(
+        refused.starts_with("403"),
+        "expected the 403 page, got {refused:?}"
+    );
+    let body = browser
+        .step("refusal text", STEP, async {
+            c.find(Locator::Css("body")).await?.text().await
+        })
+        .await;
+    assert!(body.contains("cross-site request refused"), "{body}");
+    assert_eq!(
+        fake.count(),
+        0,
+        "the other site's link minted: {:#?}",
+        fake.requests()
+    );
+    let ev = gateway
+        .wait_for_log(Duration::from_secs(5), "cross-site access log", |e| {
+            field_str(e, "message") == Some("request") && field_str(e, "path") == Some("/onramp")
+        })
+        .await;
+    assert_eq!(ev.get("status").and_then(|s| s.as_u64()), Some(403), "{ev}");
+    // Refused on Chromium's own Sec-Fetch-Site (not the Referer fallback).
+    let (_, metrics) = gateway.admin_get("/metrics").await;
+    assert_eq!(
+        crate::minting::metric(
+            &metrics,
+            "onramp_gateway_mint_refused_total",
+            &[("reason", "fetch_site")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    browser.step("back to the app", STEP, c.goto(&home)).await;
+
+    // 2. Click the link on the app's own page (same origin); the gateway mints and 302s
+    //    to the stand-in.
     let link = browser
         .step(
             "find the link",
@@ -314,7 +399,9 @@ async fn run(tools: crate::common::browser::Tools) {
     // The gateway logged the browser's request to the onramp route as a 302.
     let ev = gateway
         .wait_for_log(Duration::from_secs(5), "onramp access log", |e| {
-            field_str(e, "message") == Some("request") && field_str(e, "path") == Some("/onramp")
+            field_str(e, "message") == Some("request")
+                && field_str(e, "path") == Some("/onramp")
+                && e.get("status").and_then(|s| s.as_u64()) == Some(302)
         })
         .await;
     assert_eq!(ev.get("status").and_then(|s| s.as_u64()), Some(302), "{ev}");
