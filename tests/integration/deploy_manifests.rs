@@ -294,7 +294,23 @@ fn with_test_certs(config_text: &str, pki: &TestPki) -> (tempfile::TempDir, Path
 fn assert_check_passes(what: &str, config_text: &str) -> String {
     let pki = TestPki::new(KeyFormat::Pkcs8Ecdsa);
     let (_dir, path) = with_test_certs(config_text, &pki);
-    let out = run_check(&path, &TestKey::es256_sec1().env());
+    let mut env = TestKey::es256_sec1().env();
+    env.push((
+        "ONRAMP_TICKET_SECRET".into(),
+        "deploy-test-ticket-secret-0123456789abcdef".into(),
+    ));
+    let out = run_check(&path, &env);
+    // A shipped config must not let the browser choose the wallet.
+    let parsed: toml::Value = toml::from_str(config_text).expect("shipped config is TOML");
+    let source = parsed
+        .get("addresses")
+        .and_then(|a| a.get("source"))
+        .and_then(|s| s.as_str())
+        .unwrap_or("request");
+    assert!(
+        source == "upstream" || source == "ticket",
+        "{what} ships addresses.source = {source:?}"
+    );
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -608,3 +608,51 @@ async fn cdp_calls_in_flight_are_bounded() {
     let r = rig.get(ONRAMP, &[]).await;
     assert_eq!(r.status(), StatusCode::FOUND);
 }
+
+/// The README's Python snippet (PyJWT), run as written, makes a ticket the gateway takes.
+/// Needs the venv that `tests/run` sets up (`CDP_SDK_PYTHON`, which has PyJWT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_python_ticket_snippet_is_accepted() {
+    let Some(python) = std::env::var_os("CDP_SDK_PYTHON") else {
+        eprintln!(
+            "SKIPPED mint_trust::readme_python_ticket_snippet_is_accepted: CDP_SDK_PYTHON unset (run ./tests/run)"
+        );
+        return;
+    };
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let heading = readme
+        .find("Python ([PyJWT]")
+        .expect("Python snippet heading");
+    let code_start = readme[heading..].find("```python\n").expect("python block") + heading + 10;
+    let code_end = readme[code_start..].find("```").expect("block end") + code_start;
+    let snippet = &readme[code_start..code_end];
+    let program = format!(
+        "class User:\n    id = 42\nuser = User()\nwallet = {TICKET_ADDR:?}\n{snippet}\nprint(ticket)\n"
+    );
+    let out = std::process::Command::new(python)
+        .arg("-c")
+        .arg(&program)
+        .env("ONRAMP_TICKET_SECRET", SECRET)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ticket = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let rig = start(ticket_config).await;
+    let r = rig
+        .client
+        .post(rig.gw.url("/onramp"))
+        .form(&[("ticket", ticket.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER, "{}", rig.gw.logs());
+    assert_eq!(
+        rig.fake.requests()[0].body["addresses"][0]["address"],
+        TICKET_ADDR
+    );
+}
