@@ -543,16 +543,16 @@ mod tests {
     #[test]
     fn memory_guard_forgets_after_exp_and_is_bounded() {
         let g = MemoryReplayGuard::new(2);
-        assert_eq!(g.record("a", NOW + 10, NOW).unwrap(), true);
-        assert_eq!(g.record("a", NOW + 10, NOW + 5).unwrap(), false);
-        assert_eq!(g.record("b", NOW + 10, NOW).unwrap(), true);
+        assert!(g.record("a", NOW + 10, NOW).unwrap());
+        assert!(!g.record("a", NOW + 10, NOW + 5).unwrap());
+        assert!(g.record("b", NOW + 10, NOW).unwrap());
         // Full with live entries: refused, not grown.
         assert!(matches!(
             g.record("c", NOW + 10, NOW),
             Err(LimiterError::Full { .. })
         ));
         // After exp the old ones are purged to make room.
-        assert_eq!(g.record("c", NOW + 100, NOW + 11).unwrap(), true);
+        assert!(g.record("c", NOW + 100, NOW + 11).unwrap());
     }
 
     #[test]
