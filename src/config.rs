@@ -60,6 +60,39 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     pub cors: CorsConfig,
     pub log: LogConfig,
+    pub api: ApiConfig,
+}
+
+/// `[api]`: JSON endpoints for browser SDKs (buy config/options/quote, transactions).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// `""` disables the endpoints (the paths are then proxied like any other).
+    pub prefix: String,
+    pub cache_s: u64,
+    pub requests_per_minute: u32,
+    pub burst: u32,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            prefix: "/onramp/api".into(),
+            cache_s: 300,
+            requests_per_minute: 60,
+            burst: 20,
+        }
+    }
+}
+
+/// `onramp.api`: which Coinbase API mints onramp sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnrampApi {
+    /// Session token (`/onramp/v1/token`) + `onramp.url`.
+    V1,
+    /// Create Onramp Session (`/v2/onramp/sessions`): Coinbase returns the URL.
+    V2,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -160,11 +193,14 @@ pub struct CdpConfig {
     pub key_file: String,
     pub timeout_ms: u64,
     pub substitute_private_client_ip: String,
+    /// v2 APIs (sessions, orders, webhooks subscriptions), with the `/platform` prefix.
+    pub platform_base: String,
 }
 
 impl Default for CdpConfig {
     fn default() -> Self {
         Self {
+            platform_base: "https://api.cdp.coinbase.com/platform".into(),
             api_base: "https://api.developer.coinbase.com".into(),
             key_file: String::new(),
             timeout_ms: 5_000,
@@ -182,6 +218,9 @@ pub struct OnrampConfig {
     pub assets: Vec<String>,
     /// `Sec-Fetch-Site` values that may mint (see `crate::fetch_site`).
     pub allowed_fetch_sites: Vec<String>,
+    pub api: OnrampApi,
+    /// v2: `sandbox-` partnerUserRef prefix and the pay-sandbox host.
+    pub sandbox: bool,
 }
 
 impl Default for OnrampConfig {
@@ -192,6 +231,8 @@ impl Default for OnrampConfig {
             blockchains: vec!["base".into(), "ethereum".into()],
             assets: Vec::new(),
             allowed_fetch_sites: vec!["same-origin".into(), "none".into()],
+            api: OnrampApi::V1,
+            sandbox: false,
         }
     }
 }
@@ -344,6 +385,8 @@ pub struct Settings {
     pub trusted_proxies: Vec<IpNet>,
     pub upstream: http::Uri,
     pub cdp_api_base: url::Url,
+    /// `cdp.platform_base`, always ending in `/` so `join("v2/...")` keeps `/platform`.
+    pub cdp_platform_base: url::Url,
     pub cdp_key_file: Option<PathBuf>,
     pub substitute_private_client_ip: Option<IpAddr>,
     pub onramp_url: url::Url,
@@ -604,6 +647,41 @@ impl Config {
         let admin_listen = c.optional_socket_addr("admin.listen", &self.admin.listen);
 
         let cdp_api_base = c.url("cdp.api_base", &self.cdp.api_base, true);
+        let cdp_platform_base = c
+            .url("cdp.platform_base", &self.cdp.platform_base, true)
+            .map(|mut u| {
+                if !u.path().ends_with('/') {
+                    let path = format!("{}/", u.path());
+                    u.set_path(&path);
+                }
+                u
+            });
+        let api = &self.api;
+        if !api.prefix.is_empty() {
+            c.route_path("api.prefix", &api.prefix);
+            if api.prefix.ends_with('/') {
+                c.bad("api.prefix", "must not end with '/'");
+            }
+            for (key, path) in [
+                ("onramp.path", &self.onramp.path),
+                ("offramp.path", &self.offramp.path),
+            ] {
+                if path.starts_with(&format!("{}/", api.prefix)) || *path == api.prefix {
+                    c.bad("api.prefix", format!("must not contain {key} ({path:?})"));
+                }
+            }
+        }
+        if api.cache_s > 86_400 {
+            c.bad("api.cache_s", "must be at most 86400");
+        }
+        let api_policy = crate::ratelimit::Policy {
+            requests_per_minute: api.requests_per_minute,
+            burst: api.burst,
+            ipv6_prefix: self.rate_limit.ipv6_prefix.clamp(1, 128),
+        };
+        if let Err(e) = api_policy.validate() {
+            c.bad("api", e.to_string().replace("rate_limit.", "api."));
+        }
         let cdp_key_file = if self.cdp.key_file.is_empty() {
             None
         } else {
@@ -763,8 +841,21 @@ impl Config {
         }
         // Every Option below is Some when no problem was recorded; the fallbacks are
         // unreachable but keep this free of unwrap().
-        let (Some(listen), Some(upstream), Some(cdp_api_base), Some(onramp_url), Some(offramp_url)) =
-            (listen, upstream, cdp_api_base, onramp_url, offramp_url)
+        let (
+            Some(listen),
+            Some(upstream),
+            Some(cdp_api_base),
+            Some(cdp_platform_base),
+            Some(onramp_url),
+            Some(offramp_url),
+        ) = (
+            listen,
+            upstream,
+            cdp_api_base,
+            cdp_platform_base,
+            onramp_url,
+            offramp_url,
+        )
         else {
             return Err(vec![ConfigProblem {
                 key: String::new(),
@@ -780,6 +871,7 @@ impl Config {
             trusted_proxies,
             upstream,
             cdp_api_base,
+            cdp_platform_base,
             cdp_key_file,
             substitute_private_client_ip,
             onramp_url,

@@ -60,6 +60,9 @@ pub enum GatewayError {
     CdpRateLimited { retry_after: Duration },
     #[error("the Coinbase API refused the request")]
     CdpRejected,
+    /// A v2 / read-API `400`: the client's input; Coinbase's words are passed on.
+    #[error("{message}")]
+    CdpInvalidRequest { error_type: String, message: String },
     #[error("the application's onramp context could not be read")]
     ContextUnavailable,
 }
@@ -76,7 +79,7 @@ impl GatewayError {
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            BadRequest(_) => StatusCode::BAD_REQUEST,
+            BadRequest(_) | CdpInvalidRequest { .. } => StatusCode::BAD_REQUEST,
             OriginNotAllowed | CrossSiteRefused | TicketWrongFlow(_) => StatusCode::FORBIDDEN,
             TicketInvalid(_) => StatusCode::UNAUTHORIZED,
             TicketReplayed => StatusCode::CONFLICT,
@@ -111,6 +114,7 @@ impl GatewayError {
             CdpTimeout => "cdp-timeout",
             CdpRateLimited { .. } => "cdp-rate-limited",
             CdpRejected => "cdp-rejected",
+            CdpInvalidRequest { .. } => "cdp-invalid-request",
             ContextUnavailable => "context-unavailable",
         }
     }
@@ -141,15 +145,36 @@ impl GatewayError {
 
     /// Renders the error as problem+json (`json`) or a small HTML page.
     pub fn into_response_as(self, json: bool) -> Response<ResponseBody> {
+        self.render(if json { Shape::Problem } else { Shape::Html })
+    }
+
+    /// The `[api]` endpoints' form: problem+json with an extra `error` member holding the
+    /// same message (what Coinbase's client code reads).
+    pub fn into_api_response(self) -> Response<ResponseBody> {
+        self.render(Shape::ApiProblem)
+    }
+
+    fn render(self, shape: Shape) -> Response<ResponseBody> {
         let status = self.status();
         let detail = self.to_string();
-        let (content_type, body) = if json {
-            let problem = serde_json::json!({
+        let (content_type, body) = if shape != Shape::Html {
+            let mut problem = serde_json::json!({
                 "type": format!("urn:onramp-gateway:error:{}", self.kind()),
                 "title": status.canonical_reason().unwrap_or("Error"),
                 "status": status.as_u16(),
                 "detail": detail,
             });
+            if let GatewayError::CdpInvalidRequest {
+                error_type,
+                message,
+            } = &self
+            {
+                problem["errorType"] = error_type.clone().into();
+                problem["errorMessage"] = message.clone().into();
+            }
+            if shape == Shape::ApiProblem {
+                problem["error"] = detail.clone().into();
+            }
             ("application/problem+json", Bytes::from(problem.to_string()))
         } else {
             (
@@ -171,6 +196,13 @@ impl GatewayError {
         }
         response
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Html,
+    Problem,
+    ApiProblem,
 }
 
 /// `Retry-After` in whole seconds, rounded up and never 0 (the rate limiter's rule, so

@@ -23,6 +23,7 @@ pub mod client_ip;
 pub mod config;
 pub mod error;
 pub mod fetch_site;
+pub mod gate;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

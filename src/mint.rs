@@ -25,12 +25,14 @@ use hyper_util::rt::TokioExecutor;
 use crate::body::{full, ResponseBody};
 use crate::cdp::client::{CdpClient, CdpError};
 use crate::cdp::jwt::unix_now;
+use crate::cdp::Rejections;
 use crate::client_ip::{is_private, ClientIp};
-use crate::config::{AddressSource, OnBackendError, Settings};
+use crate::config::{AddressSource, OnBackendError, OnrampApi, Settings};
 use crate::error::GatewayError;
-use crate::fetch_site::{self, CrossSitePolicy};
+use crate::gate::{Gate, OriginDecision, Pass};
 use crate::metrics::{Metrics, Route};
 use crate::onramp::request::{self, ClientInput, ErrorOrigin, Flow, MintRequest, Rules};
+use crate::onramp::session_v2::{self, V2Params};
 use crate::proxy::strip_hop_by_hop;
 use crate::ratelimit::{response_headers, LimiterError, RateLimiter};
 use crate::ticket::{self, TicketError, TicketVerifier};
@@ -50,7 +52,7 @@ pub struct Minter {
     context: Option<ContextClient>,
     /// `addresses.source = "ticket"`.
     tickets: Option<TicketVerifier>,
-    cross_site: CrossSitePolicy,
+    gate: Gate,
     private_ip_warned: AtomicBool,
 }
 
@@ -79,10 +81,7 @@ impl Minter {
     ) -> Self {
         let context = (settings.config.addresses.source == AddressSource::Upstream)
             .then(|| ContextClient::new(&settings));
-        let cross_site = CrossSitePolicy::new(
-            &settings.config.onramp.allowed_fetch_sites,
-            &settings.config.cors.allowed_origins,
-        );
+        let gate = Gate::new(&settings);
         Self {
             settings,
             cdp,
@@ -90,7 +89,7 @@ impl Minter {
             metrics,
             context,
             tickets,
-            cross_site,
+            gate,
             private_ip_warned: AtomicBool::new(false),
         }
     }
@@ -101,19 +100,11 @@ impl Minter {
         route: Route,
         client: ClientIp,
     ) -> Response<ResponseBody> {
-        let own_origin = fetch_site::own_origin(&req);
-        let origin = decide_origin(
-            req.headers(),
-            own_origin.as_deref(),
-            &self.settings.config.cors.allowed_origins,
-        );
         let json = crate::error::wants_json(req.headers());
-        let outcome = match self.cross_site.check(req.headers(), own_origin.as_deref()) {
-            Err(refusal) => {
-                self.metrics.count_mint_refused(refusal.reason());
-                Err(GatewayError::CrossSiteRefused)
-            }
-            Ok(()) => self.mint(req, route, client, &origin).await,
+        let (outcome, origin) = match self.gate.admit(&req, &self.metrics) {
+            Err((e, origin)) => (Err(e), origin),
+            Ok(Pass::Preflight(r, origin)) => (Ok(r), origin),
+            Ok(Pass::Serve(origin)) => (self.mint(req, route, client).await, origin),
         };
         let mut response = match outcome {
             Ok(r) => {
@@ -127,21 +118,8 @@ impl Minter {
                 e.into_response_as(json)
             }
         };
-        let headers = response.headers_mut();
         // Answers depend on Origin; caches must key on it. Tokens are single-use.
-        headers.append(header::VARY, HeaderValue::from_static("Origin"));
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        headers.insert(
-            header::REFERRER_POLICY,
-            HeaderValue::from_static("no-referrer"),
-        );
-        if let OriginDecision::Allowed(origin) = origin {
-            headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-            headers.insert(
-                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-                HeaderValue::from_static("true"),
-            );
-        }
+        Gate::decorate(&mut response, &origin, HeaderValue::from_static("no-store"));
         response
     }
 
@@ -150,20 +128,12 @@ impl Minter {
         req: Request<Incoming>,
         route: Route,
         client: ClientIp,
-        origin: &OriginDecision,
     ) -> Result<Response<ResponseBody>, GatewayError> {
         let flow = if route == Route::offramp {
             Flow::Offramp
         } else {
             Flow::Onramp
         };
-        if matches!(origin, OriginDecision::Denied) {
-            self.metrics.count_mint_refused("origin");
-            return Err(GatewayError::OriginNotAllowed);
-        }
-        if req.method() == Method::OPTIONS {
-            return preflight(origin);
-        }
         if req.method() != Method::GET && req.method() != Method::POST {
             return Err(GatewayError::MethodNotAllowed);
         }
@@ -200,6 +170,9 @@ impl Minter {
         };
 
         let cdp_ip = self.cdp_client_ip(client.ip);
+        if flow == Flow::Onramp && self.settings.config.onramp.api == OnrampApi::V2 {
+            return self.mint_v2(&input, &mint_request, cdp_ip, answer).await;
+        }
         let token = match self
             .cdp
             .create_token(&mint_request.addresses, &mint_request.assets, cdp_ip)
@@ -211,7 +184,7 @@ impl Minter {
                     .observe(took.as_secs_f64());
                 token
             }
-            Err(e) => return Err(self.cdp_failure(e)),
+            Err(e) => return Err(self.cdp_failure(e, Rejections::Hidden)),
         };
         let base = if flow == Flow::Offramp {
             &self.settings.offramp_url
@@ -219,7 +192,50 @@ impl Minter {
             &self.settings.onramp_url
         };
         let location = request::build_location(base, token.expose(), &mint_request);
-        answer_with(answer, token.expose(), &location)
+        answer_with(answer, Some(token.expose()), &location, None)
+    }
+
+    /// `onramp.api = "v2"`: Create Onramp Session; Coinbase returns the URL (checked to be
+    /// Coinbase's own host before the browser is sent there) and maybe a quote.
+    async fn mint_v2(
+        &self,
+        input: &Input,
+        mint_request: &MintRequest,
+        cdp_ip: IpAddr,
+        answer: Answer,
+    ) -> Result<Response<ResponseBody>, GatewayError> {
+        let sandbox = self.settings.config.onramp.sandbox;
+        let pairs = input_pairs(input);
+        let v2 = V2Params::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(GatewayError::BadRequest)?;
+        let body =
+            session_v2::session_body(mint_request, &v2, &cdp_ip.to_string(), sandbox, || {
+                format!("{:016x}", rand::random::<u64>())
+            })
+            .map_err(GatewayError::BadRequest)?;
+        let url = self
+            .settings
+            .cdp_platform_base
+            .join(session_v2::SESSIONS_PATH)
+            .map_err(|_| GatewayError::CdpUnavailable)?;
+        let (reply, took) = self
+            .cdp
+            .call_json(reqwest::Method::POST, &url, Some(&body))
+            .await
+            .map_err(|e| self.cdp_failure(e, Rejections::BadRequestPassedOn))?;
+        self.metrics
+            .cdp_request_duration
+            .observe(took.as_secs_f64());
+        let session = session_v2::parse_session(&reply, sandbox).map_err(|m| {
+            tracing::warn!(problem = %m, "CDP onramp session answer refused");
+            GatewayError::CdpUnavailable
+        })?;
+        answer_with(
+            answer,
+            session.session_token.as_deref(),
+            session.url.as_str(),
+            session.quote,
+        )
     }
 
     fn rules(&self, flow: Flow) -> Rules<'_> {
@@ -329,86 +345,11 @@ impl Minter {
         self.settings.substitute_private_client_ip.unwrap_or(ip)
     }
 
-    fn cdp_failure(&self, e: CdpError) -> GatewayError {
-        match &e {
-            CdpError::Rejected { status, message } => {
-                tracing::warn!(cdp_status = status, cdp_message = %message, "CDP API refused the token request");
-            }
-            other => {
-                tracing::warn!(error = %other, kind = other.kind(), "CDP token request failed")
-            }
+    fn cdp_failure(&self, e: CdpError, rejections: Rejections) -> GatewayError {
+        if matches!(e, CdpError::Busy { .. }) {
+            self.metrics.count_mint_refused("cdp_busy");
         }
-        match e {
-            CdpError::Timeout(_) => GatewayError::CdpTimeout,
-            CdpError::Busy { .. } => {
-                self.metrics.count_mint_refused("cdp_busy");
-                GatewayError::CdpBusy
-            }
-            CdpError::RateLimited { retry_after } => GatewayError::CdpRateLimited { retry_after },
-            CdpError::Rejected { .. } => GatewayError::CdpRejected,
-            CdpError::Unreachable(_)
-            | CdpError::ServerError { .. }
-            | CdpError::BadResponse(_)
-            | CdpError::Jwt(_) => GatewayError::CdpUnavailable,
-        }
-    }
-}
-
-/// The CORS verdict for a request.
-enum OriginDecision {
-    /// No `Origin` header, or the gateway's own origin: not a cross-origin call.
-    SameOrAbsent,
-    /// Listed in `cors.allowed_origins`: answer with that exact origin, never `*`.
-    Allowed(HeaderValue),
-    /// Anything else (including `Origin: null`): `403` before any work.
-    Denied,
-}
-
-/// `own_origin`: `https://` + the request's Host (see [`fetch_site::own_origin`]).
-fn decide_origin(
-    headers: &HeaderMap,
-    own_origin: Option<&str>,
-    allowed: &[String],
-) -> OriginDecision {
-    let Some(origin) = headers.get(header::ORIGIN) else {
-        return OriginDecision::SameOrAbsent;
-    };
-    let Ok(origin_str) = origin.to_str() else {
-        return OriginDecision::Denied;
-    };
-    if allowed.iter().any(|a| a == origin_str) {
-        return OriginDecision::Allowed(origin.clone());
-    }
-    // Same-origin requests (a form on the app's own page, served through this
-    // gateway) carry Origin = https://<Host> (or :authority for HTTP/2).
-    if own_origin.is_some_and(|own| own.eq_ignore_ascii_case(origin_str)) {
-        return OriginDecision::SameOrAbsent;
-    }
-    OriginDecision::Denied
-}
-
-fn preflight(origin: &OriginDecision) -> Result<Response<ResponseBody>, GatewayError> {
-    match origin {
-        OriginDecision::Allowed(_) => {
-            let mut r = Response::new(full(Bytes::new()));
-            *r.status_mut() = StatusCode::NO_CONTENT;
-            let h = r.headers_mut();
-            h.insert(
-                header::ACCESS_CONTROL_ALLOW_METHODS,
-                HeaderValue::from_static("GET, POST"),
-            );
-            h.insert(
-                header::ACCESS_CONTROL_ALLOW_HEADERS,
-                HeaderValue::from_static("Content-Type, Authorization"),
-            );
-            h.insert(
-                header::ACCESS_CONTROL_MAX_AGE,
-                HeaderValue::from_static("600"),
-            );
-            Ok(r)
-        }
-        // A preflight without a listed Origin is not a CORS request we serve.
-        _ => Err(GatewayError::OriginNotAllowed),
+        crate::cdp::failure(e, "mint", rejections)
     }
 }
 
@@ -489,16 +430,39 @@ fn validation_error(e: request::ValidationError) -> GatewayError {
     }
 }
 
+/// Name/value pairs of the client's input (query, form, or a JSON object's string
+/// members), for parameters read outside the preset table.
+fn input_pairs(input: &Input) -> Vec<(String, String)> {
+    match input {
+        Input::Query(q) => form_urlencoded::parse(q.as_bytes()).into_owned().collect(),
+        Input::Form(b) => form_urlencoded::parse(b).into_owned().collect(),
+        Input::Json(b) => match serde_json::from_slice::<serde_json::Value>(b) {
+            Ok(serde_json::Value::Object(m)) => m
+                .into_iter()
+                .filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_string())))
+                .collect(),
+            _ => Vec::new(),
+        },
+    }
+}
+
 fn answer_with(
     answer: Answer,
-    token: &str,
+    token: Option<&str>,
     location: &str,
+    quote: Option<serde_json::Value>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let location_value =
         HeaderValue::from_str(location).map_err(|_| GatewayError::CdpUnavailable)?;
     let mut r = match answer {
         Answer::Json => {
-            let body = serde_json::json!({ "sessionToken": token, "url": location });
+            let mut body = serde_json::json!({ "url": location });
+            if let Some(token) = token {
+                body["sessionToken"] = token.into();
+            }
+            if let Some(quote) = quote {
+                body["quote"] = quote;
+            }
             let mut r = Response::new(full(body.to_string()));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -637,65 +601,5 @@ impl ContextClient {
             return Err(GatewayError::ContextUnavailable);
         }
         Ok(ContextAnswer::Json(bytes))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
-        }
-        h
-    }
-
-    #[test]
-    fn origin_rules() {
-        let allowed = vec!["https://app.example".to_string()];
-        let d = |h: &[(&str, &str)], host: Option<&str>, allowed: &[String]| {
-            decide_origin(&headers(h), host, allowed)
-        };
-        assert!(matches!(
-            d(&[], None, &allowed),
-            OriginDecision::SameOrAbsent
-        ));
-        assert!(matches!(
-            d(&[("origin", "https://app.example")], None, &allowed),
-            OriginDecision::Allowed(_)
-        ));
-        assert!(matches!(
-            d(
-                &[("origin", "https://app.example.evil.net")],
-                None,
-                &allowed
-            ),
-            OriginDecision::Denied
-        ));
-        assert!(matches!(
-            d(&[("origin", "null")], None, &allowed),
-            OriginDecision::Denied
-        ));
-        assert!(matches!(
-            d(
-                &[("origin", "https://gw.example:8443")],
-                Some("https://gw.example:8443"),
-                &[]
-            ),
-            OriginDecision::SameOrAbsent
-        ));
-        assert!(matches!(
-            d(
-                &[("origin", "http://gw.example")],
-                Some("https://gw.example"),
-                &[]
-            ),
-            OriginDecision::Denied
-        ));
     }
 }

@@ -47,8 +47,15 @@ pub enum CdpError {
     ServerError { status: u16 },
     #[error("CDP API rate limited the request")]
     RateLimited { retry_after: Duration },
+    /// `message` is v1's google.rpc `message` or v2's `errorMessage`; `error_type` and
+    /// `correlation_id` are v2's (`errorType`, `correlationId`).
     #[error("CDP API refused the request with {status}: {message}")]
-    Rejected { status: u16, message: String },
+    Rejected {
+        status: u16,
+        message: String,
+        error_type: Option<String>,
+        correlation_id: Option<String>,
+    },
     #[error("CDP API answer unusable: {0}")]
     BadResponse(String),
     #[error(transparent)]
@@ -157,33 +164,77 @@ impl CdpClient {
         assets: &[String],
         client_ip: IpAddr,
     ) -> Result<(SessionToken, Duration), CdpError> {
-        let _slot = self.slot().await?;
-        let started = Instant::now();
-        let jwt = build_jwt(&self.key, "POST", &self.token_url, unix_now())?;
         let body = TokenRequestBody {
             addresses,
             assets,
             client_ip: client_ip.to_string(),
         };
-        let result = tokio::time::timeout(self.timeout, self.exchange(jwt, &body)).await;
+        let body = serde_json::to_vec(&body)
+            .map_err(|e| CdpError::BadResponse(format!("cannot encode the request: {e}")))?;
+        let (bytes, took) = self
+            .call(reqwest::Method::POST, &self.token_url, Some(body))
+            .await?;
+        Ok((parse_token(&bytes)?, took))
+    }
+
+    /// One CDP API call: `method url` with a fresh JWT whose `uris` is the URL's
+    /// host and path (never its query: Coinbase rejects signed queries), an optional
+    /// JSON body, the whole exchange bounded by the timeout and counted against the
+    /// in-flight bound. `Ok` is the success body (at most 64 KiB) and the call's duration.
+    /// Every CDP endpoint, v1 host or v2 platform, goes through here.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        url: &url::Url,
+        json_body: Option<Vec<u8>>,
+    ) -> Result<(Vec<u8>, Duration), CdpError> {
+        let _slot = self.slot().await?;
+        let started = Instant::now();
+        let jwt = build_jwt(&self.key, method.as_str(), url, unix_now())?;
+        let result = tokio::time::timeout(
+            self.timeout,
+            self.exchange(method, url.clone(), jwt, json_body),
+        )
+        .await;
         let elapsed = started.elapsed();
         match result {
             Err(_) => Err(CdpError::Timeout(self.timeout)),
-            Ok(r) => r.map(|t| (t, elapsed)),
+            Ok(r) => r.map(|bytes| (bytes, elapsed)),
         }
+    }
+
+    /// [`call`](Self::call), the answer parsed as JSON.
+    pub async fn call_json(
+        &self,
+        method: reqwest::Method,
+        url: &url::Url,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(serde_json::Value, Duration), CdpError> {
+        let body = body.map(|b| b.to_string().into_bytes());
+        let (bytes, took) = self.call(method, url, body).await?;
+        let value = serde_json::from_slice(&bytes)
+            .map_err(|_| CdpError::BadResponse("answer is not JSON".into()))?;
+        Ok((value, took))
     }
 
     async fn exchange(
         &self,
+        method: reqwest::Method,
+        url: url::Url,
         jwt: String,
-        body: &TokenRequestBody<'_>,
-    ) -> Result<SessionToken, CdpError> {
-        let response = self
+        json_body: Option<Vec<u8>>,
+    ) -> Result<Vec<u8>, CdpError> {
+        let mut request = self
             .http
-            .post(self.token_url.clone())
+            .request(method, url)
             .bearer_auth(jwt)
-            .header(reqwest::header::ACCEPT, "application/json")
-            .json(body)
+            .header(reqwest::header::ACCEPT, "application/json");
+        if let Some(body) = json_body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
+        }
+        let response = request
             .send()
             .await
             .map_err(|e| transport_error(e, self.timeout))?;
@@ -196,17 +247,22 @@ impl CdpClient {
             .map(Duration::from_secs);
         let bytes = read_capped(response, self.timeout).await?;
         if status.is_success() {
-            return parse_token(&bytes);
+            return Ok(bytes);
         }
         match status.as_u16() {
             429 => Err(CdpError::RateLimited {
                 retry_after: retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
             }),
             s if s >= 500 => Err(CdpError::ServerError { status: s }),
-            s => Err(CdpError::Rejected {
-                status: s,
-                message: error_message(&bytes),
-            }),
+            s => {
+                let e = ErrorBody::parse(&bytes);
+                Err(CdpError::Rejected {
+                    status: s,
+                    message: e.message,
+                    error_type: e.error_type,
+                    correlation_id: e.correlation_id,
+                })
+            }
         }
     }
 }
@@ -263,21 +319,32 @@ fn parse_token(bytes: &[u8]) -> Result<SessionToken, CdpError> {
     }
 }
 
-/// The google.rpc Status `message` of an error answer, shortened and made log-safe.
-fn error_message(bytes: &[u8]) -> String {
-    let message = serde_json::from_slice::<serde_json::Value>(bytes)
-        .ok()
-        .and_then(|v| {
-            v.get("message")
+/// An error answer: v1's google.rpc Status (`message`) or v2's
+/// `{errorType, errorMessage, correlationId}`, each field shortened and made log-safe.
+struct ErrorBody {
+    message: String,
+    error_type: Option<String>,
+    correlation_id: Option<String>,
+}
+
+impl ErrorBody {
+    fn parse(bytes: &[u8]) -> Self {
+        let v = serde_json::from_slice::<serde_json::Value>(bytes).unwrap_or_default();
+        let field = |name: &str, max: usize| {
+            v.get(name)
                 .and_then(|m| m.as_str())
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| "(no message)".to_string());
-    message
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(300)
-        .collect()
+                .map(|m| m.chars().filter(|c| !c.is_control()).take(max).collect())
+        };
+        ErrorBody {
+            message: field("errorMessage", 300)
+                .or_else(|| field("message", 300))
+                .unwrap_or_else(|| "(no message)".to_string()),
+            // Only token characters: these reach clients and metric-free logs.
+            error_type: field("errorType", 64)
+                .filter(|t: &String| t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')),
+            correlation_id: field("correlationId", 128),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -329,12 +396,26 @@ mod tests {
 
     #[test]
     fn error_message_is_bounded_and_clean() {
+        let message = |b: &[u8]| ErrorBody::parse(b).message;
         assert_eq!(
-            error_message(br#"{"code":3,"message":"invalid\naddress"}"#),
+            message(br#"{"code":3,"message":"invalid\naddress"}"#),
             "invalidaddress"
         );
-        assert_eq!(error_message(b"garbage"), "(no message)");
+        assert_eq!(message(b"garbage"), "(no message)");
         let long = format!(r#"{{"message":"{}"}}"#, "x".repeat(1000));
-        assert_eq!(error_message(long.as_bytes()).len(), 300);
+        assert_eq!(message(long.as_bytes()).len(), 300);
+    }
+
+    #[test]
+    fn v2_error_shape_is_read() {
+        let e = ErrorBody::parse(
+            br#"{"errorType":"invalid_request","errorMessage":"Missing required parameters.","correlationId":"abc-1"}"#,
+        );
+        assert_eq!(e.message, "Missing required parameters.");
+        assert_eq!(e.error_type.as_deref(), Some("invalid_request"));
+        assert_eq!(e.correlation_id.as_deref(), Some("abc-1"));
+        // A type that is not a token is dropped, not passed to clients.
+        let e = ErrorBody::parse(br#"{"errorType":"<script>","errorMessage":"x"}"#);
+        assert_eq!(e.error_type, None);
     }
 }

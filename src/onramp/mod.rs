@@ -3,3 +3,4 @@
 pub mod address;
 pub mod redirect;
 pub mod request;
+pub mod session_v2;

@@ -1363,7 +1363,7 @@ async fn cdp_unreachable_is_502_and_gateway_keeps_serving() {
     assert_eq!(resp.status(), StatusCode::OK, "proxying is unaffected");
     assert_eq!(gw.admin_get("/healthz").await.0, 200);
     gw.wait_for_log(LOG_WAIT, "CDP failure logged", |e| {
-        field_str(e, "message").is_some_and(|m| m.contains("CDP token request failed"))
+        field_str(e, "message").is_some_and(|m| m.contains("CDP request failed"))
     })
     .await;
 }

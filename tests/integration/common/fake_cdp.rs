@@ -288,29 +288,6 @@ struct State {
     verifier: Verifier,
     expected_uri: String,
     inner: Mutex<Inner>,
-    /// Requests being handled right now, and the most ever at once.
-    in_flight: std::sync::atomic::AtomicUsize,
-    max_in_flight: std::sync::atomic::AtomicUsize,
-}
-
-/// Counts one request in `State::in_flight` while it lives (a dropped handler too).
-struct InFlight(Arc<State>);
-
-impl InFlight {
-    fn enter(state: &Arc<State>) -> InFlight {
-        use std::sync::atomic::Ordering::SeqCst;
-        let now = state.in_flight.fetch_add(1, SeqCst) + 1;
-        state.max_in_flight.fetch_max(now, SeqCst);
-        InFlight(state.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0
-            .in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
 }
 
 impl State {
@@ -347,8 +324,6 @@ impl FakeCdp {
             },
             expected_uri: format!("POST 127.0.0.1:{}{TOKEN_PATH}", addr.port()),
             inner: Mutex::new(Inner::default()),
-            in_flight: Default::default(),
-            max_in_flight: Default::default(),
         });
         let (tx, rx) = tokio::sync::oneshot::channel();
         let thread_state = state.clone();
@@ -368,21 +343,6 @@ impl FakeCdp {
         self.addr
     }
 
-    /// Requests being handled right now.
-    pub fn in_flight(&self) -> usize {
-        self.state
-            .in_flight
-            .load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// The most requests the fake ever handled at once.
-    pub fn max_in_flight(&self) -> usize {
-        self.state
-            .max_in_flight
-            .load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// Value for the gateway's `[cdp] api_base`: `http://127.0.0.1:<port>`.
     pub fn api_base(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -575,7 +535,6 @@ fn huge_response() -> Response<Body> {
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Hangup> {
-    let _in_flight = InFlight::enter(&state);
     let received_at = Instant::now();
     let (parts, body) = req.into_parts();
     let method = parts.method.to_string();
