@@ -29,7 +29,7 @@ use crate::cdp::Rejections;
 use crate::client_ip::{is_private, ClientIp};
 use crate::config::{AddressSource, OnBackendError, OnrampApi, Settings};
 use crate::error::GatewayError;
-use crate::gate::{Gate, OriginDecision, Pass};
+use crate::gate::{Gate, Pass};
 use crate::metrics::{Metrics, Route};
 use crate::onramp::request::{self, ClientInput, ErrorOrigin, Flow, MintRequest, Rules};
 use crate::onramp::session_v2::{self, V2Params};
