@@ -14,7 +14,8 @@ use http::{HeaderMap, Response, StatusCode};
 
 use crate::body::{full, ResponseBody};
 
-#[derive(Debug, thiserror::Error)]
+/// `Clone`: a cached load's failure is handed to every caller that waited for it.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
     #[error("the upstream application is unreachable")]
     UpstreamUnavailable,
@@ -32,6 +33,11 @@ pub enum GatewayError {
     BadRequest(String),
     #[error("origin not allowed")]
     OriginNotAllowed,
+    #[error("not found")]
+    NotFound,
+    /// The address source gave no identity for what was asked (`403`).
+    #[error("{0}")]
+    NoAppIdentity(&'static str),
     #[error("cross-site request refused: start from this site's own page")]
     CrossSiteRefused,
     /// The message says what is wrong with the ticket (never its content).
@@ -80,7 +86,10 @@ impl GatewayError {
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             BadRequest(_) | CdpInvalidRequest { .. } => StatusCode::BAD_REQUEST,
-            OriginNotAllowed | CrossSiteRefused | TicketWrongFlow(_) => StatusCode::FORBIDDEN,
+            OriginNotAllowed | CrossSiteRefused | TicketWrongFlow(_) | NoAppIdentity(_) => {
+                StatusCode::FORBIDDEN
+            }
+            NotFound => StatusCode::NOT_FOUND,
             TicketInvalid(_) => StatusCode::UNAUTHORIZED,
             TicketReplayed => StatusCode::CONFLICT,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -102,6 +111,8 @@ impl GatewayError {
             UnsupportedMediaType => "unsupported-media-type",
             BadRequest(_) => "invalid-request",
             OriginNotAllowed => "origin-not-allowed",
+            NotFound => "not-found",
+            NoAppIdentity(_) => "no-app-identity",
             CrossSiteRefused => "cross-site-refused",
             TicketInvalid(_) => "ticket-invalid",
             TicketWrongFlow(_) => "ticket-wrong-flow",

@@ -8,6 +8,7 @@
 //! - [`client_ip`]: the client IP decision (socket peer; trusted proxies).
 //! - [`routes`]: routing, access log, request metrics.
 //! - [`proxy`]: forwarding to the upstream app.
+//! - [`api`]: the JSON endpoints for browser SDKs (buy options/quote, transactions).
 //! - [`mint`]: the onramp/offramp routes; [`onramp`] parses and validates their input.
 //! - [`cdp`]: CDP API key, JWT, token client. [`ratelimit`]: per-IP limits.
 //! - [`admin`], [`metrics`]: health, readiness and Prometheus metrics.
@@ -16,6 +17,7 @@
 //! - [`server`]: start-up and graceful shutdown.
 
 pub mod admin;
+pub mod api;
 pub mod body;
 pub mod cdp;
 pub mod cli_mint;

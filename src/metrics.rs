@@ -17,6 +17,8 @@ pub enum Route {
     proxy,
     onramp,
     offramp,
+    /// The `[api]` JSON endpoints.
+    api,
 }
 
 impl Route {
@@ -25,6 +27,7 @@ impl Route {
             Route::proxy => "proxy",
             Route::onramp => "onramp",
             Route::offramp => "offramp",
+            Route::api => "api",
         }
     }
 }

@@ -56,8 +56,15 @@ pub struct Minter {
     private_ip_warned: AtomicBool,
 }
 
+/// What the address source knows (see [`Minter::known`]).
+pub(crate) enum Known {
+    Browser,
+    App(MintRequest),
+    Relay(Response<ResponseBody>),
+}
+
 /// What the client sent, once the body (if any) is read.
-enum Input {
+pub(crate) enum Input {
     Query(String),
     Form(Bytes),
     Json(Bytes),
@@ -147,26 +154,13 @@ impl Minter {
             Input::Form(b) => ClientInput::Form(b),
             Input::Json(b) => ClientInput::Json(b),
         };
-        let mint_request = if let Some(context) = &self.context {
-            let context_json = match context.fetch(&parts.headers, client.ip).await? {
-                ContextAnswer::Json(bytes) => bytes,
-                ContextAnswer::Relay(response) => return Ok(response),
-            };
-            request::from_upstream_context(&context_json, client_input, &self.rules(flow))
-                .map_err(validation_error)?
-        } else if let Some(tickets) = &self.tickets {
-            let ticket = self.verify_ticket(tickets, &input, flow).await?;
-            request::from_upstream_context(&ticket.context_json, client_input, &self.rules(flow))
-                .map_err(|e| match e.origin {
-                    ErrorOrigin::Client => GatewayError::BadRequest(e.to_string()),
-                    // Signed by the app, but not a mintable request: the ticket is bad.
-                    ErrorOrigin::Upstream => {
-                        self.metrics.count_mint_refused("ticket_invalid");
-                        GatewayError::TicketInvalid(format!("ticket invalid: {e}"))
-                    }
-                })?
-        } else {
-            validate(&input, &self.rules(flow))?
+        let mint_request = match self
+            .known(&parts.headers, &input, flow, client.ip, client_input)
+            .await?
+        {
+            Known::Browser => validate(&input, &self.rules(flow))?,
+            Known::App(request) => request,
+            Known::Relay(response) => return Ok(response),
         };
 
         let cdp_ip = self.cdp_client_ip(client.ip);
@@ -238,6 +232,57 @@ impl Minter {
         )
     }
 
+    /// What the configured address source says about this request: the app's context
+    /// (`upstream`) or a verified, now used, ticket (`ticket`), validated for `flow` with
+    /// the client's presets from `client_input`; or nothing (`request`: the browser's
+    /// input is all there is). The one place the `[api]` endpoints and the minting routes
+    /// learn who the user is.
+    pub(crate) async fn known(
+        &self,
+        headers: &HeaderMap,
+        input: &Input,
+        flow: Flow,
+        client_ip: IpAddr,
+        client_input: ClientInput<'_>,
+    ) -> Result<Known, GatewayError> {
+        if let Some(context) = &self.context {
+            let context_json = match context.fetch(headers, client_ip).await? {
+                ContextAnswer::Json(bytes) => bytes,
+                ContextAnswer::Relay(response) => return Ok(Known::Relay(response)),
+            };
+            return request::from_upstream_context(&context_json, client_input, &self.rules(flow))
+                .map(Known::App)
+                .map_err(validation_error);
+        }
+        if let Some(tickets) = &self.tickets {
+            let ticket = self.verify_ticket(tickets, input, flow).await?;
+            return request::from_upstream_context(
+                &ticket.context_json,
+                client_input,
+                &self.rules(flow),
+            )
+            .map(Known::App)
+            .map_err(|e| match e.origin {
+                ErrorOrigin::Client => GatewayError::BadRequest(e.to_string()),
+                // Signed by the app, but not a mintable request: the ticket is bad.
+                ErrorOrigin::Upstream => {
+                    self.metrics.count_mint_refused("ticket_invalid");
+                    GatewayError::TicketInvalid(format!("ticket invalid: {e}"))
+                }
+            });
+        }
+        Ok(Known::Browser)
+    }
+
+    /// The configured address source.
+    pub(crate) fn source(&self) -> AddressSource {
+        self.settings.config.addresses.source
+    }
+
+    pub(crate) fn cdp(&self) -> &CdpClient {
+        &self.cdp
+    }
+
     fn rules(&self, flow: Flow) -> Rules<'_> {
         Rules {
             flow,
@@ -247,7 +292,8 @@ impl Minter {
         }
     }
 
-    async fn rate_limit(&self, ip: IpAddr) -> Result<(), GatewayError> {
+    /// The minting buckets (also used by an `[api]` quote that mints).
+    pub(crate) async fn rate_limit(&self, ip: IpAddr) -> Result<(), GatewayError> {
         match self.limiter.check(ip).await {
             Ok(verdict) if !verdict.is_allowed() => {
                 self.metrics.rate_limited.inc();
@@ -264,7 +310,7 @@ impl Minter {
 
     /// A limiter or replay store that cannot answer (Redis down, `max_keys` reached):
     /// `rate_limit.on_backend_error` decides, the one place that policy is applied.
-    fn backend_failed(&self, e: LimiterError) -> Result<(), GatewayError> {
+    pub(crate) fn backend_failed(&self, e: LimiterError) -> Result<(), GatewayError> {
         if matches!(e, LimiterError::Full { .. }) {
             self.metrics.count_mint_refused("limiter_full");
         }
@@ -331,7 +377,7 @@ impl Minter {
 
     /// Coinbase refuses private client IPs. Seeing one means the gateway is behind a
     /// proxy it was not told about (or it is a development machine): say so once.
-    fn cdp_client_ip(&self, ip: IpAddr) -> IpAddr {
+    pub(crate) fn cdp_client_ip(&self, ip: IpAddr) -> IpAddr {
         if !is_private(ip) {
             return ip;
         }

@@ -9,6 +9,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response};
 use hyper::body::Incoming;
 
+use crate::api::Api;
 use crate::body::{self, ResponseBody};
 use crate::client_ip::{ClientIp, ClientIpPolicy, ConnInfo};
 use crate::config::Settings;
@@ -22,7 +23,9 @@ pub struct App {
     metrics: Arc<Metrics>,
     proxy: Proxy,
     ip_policy: ClientIpPolicy,
-    minter: Option<Minter>,
+    minter: Option<Arc<Minter>>,
+    api: Option<Api>,
+    api_prefix: String,
     onramp_path: String,
     offramp_path: String,
     max_header_bytes: usize,
@@ -33,13 +36,16 @@ impl App {
         settings: &Settings,
         metrics: Arc<Metrics>,
         proxy: Proxy,
-        minter: Option<Minter>,
+        minter: Option<Arc<Minter>>,
+        api: Option<Api>,
     ) -> Self {
         Self {
             metrics,
             proxy,
             ip_policy: ClientIpPolicy::new(settings.trusted_proxies.clone()),
             minter,
+            api,
+            api_prefix: settings.config.api.prefix.clone(),
             onramp_path: settings.config.onramp.path.clone(),
             offramp_path: settings.config.offramp.path.clone(),
             max_header_bytes: settings.config.server.max_header_bytes,
@@ -51,6 +57,8 @@ impl App {
             Route::onramp
         } else if path == self.offramp_path {
             Route::offramp
+        } else if Api::owns(&self.api_prefix, path) {
+            Route::api
         } else {
             Route::proxy
         }
@@ -80,6 +88,10 @@ impl App {
                     Err(e) => e.into_response_as(json),
                 }
             }
+            Route::api => match &self.api {
+                Some(api) => api.handle(req, client).await,
+                None => GatewayError::MintingNotConfigured.into_api_response(),
+            },
             Route::onramp | Route::offramp => match &self.minter {
                 Some(minter) => minter.handle(req, route, client).await,
                 None => {

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{Admin, HealthCheck, Readiness};
+use crate::api::Api;
 use crate::body::{full, ResponseBody};
 use crate::cdp::client::CdpClient;
 use crate::cdp::key::CdpKey;
@@ -29,7 +30,7 @@ use crate::metrics::{ConnectionGuard, Metrics};
 use crate::mint::Minter;
 use crate::proxy::Proxy;
 use crate::proxy_protocol;
-use crate::ratelimit::{LayeredMemory, Layers, RateLimiter, RedisLimiter};
+use crate::ratelimit::{LayeredMemory, Layers, Policy, RateLimiter, RedisLimiter};
 use crate::routes::App;
 use crate::ticket::{
     MemoryReplayGuard, RedisReplayGuard, ReplayGuard, TicketSecret, TicketVerifier,
@@ -129,18 +130,28 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     );
     let minter = match cdp_key {
         Some(key) => {
-            let tickets = ticket_secret.map(|secret| build_tickets(&settings, &secret, redis));
-            Some(build_minter(
+            let tickets =
+                ticket_secret.map(|secret| build_tickets(&settings, &secret, redis.clone()));
+            Some(Arc::new(build_minter(
                 &settings,
                 key,
                 limiter,
                 metrics.clone(),
                 tickets,
-            )?)
+            )?))
         }
         None => None,
     };
-    let app = Arc::new(App::new(&settings, metrics.clone(), proxy, minter));
+    let api = match &minter {
+        Some(minter) if !settings.config.api.prefix.is_empty() => Some(build_api(
+            &settings,
+            minter.clone(),
+            redis,
+            metrics.clone(),
+        )?),
+        _ => None,
+    };
+    let app = Arc::new(App::new(&settings, metrics.clone(), proxy, minter, api));
 
     // Bind everything first: a port in use fails start-up before anything is served.
     let https = bind("server.listen", settings.listen).await?;
@@ -311,6 +322,48 @@ fn build_limiter(
         }
     };
     Ok(limiter)
+}
+
+/// CDP allows 10 buy/sell quote requests per second per app ID.
+const CDP_QUOTES_PER_SECOND: u32 = 10;
+
+/// The `[api]` endpoints with their own per-IP bucket and the quote budget (both in
+/// Redis with that backend, under their own key prefixes).
+fn build_api(
+    settings: &Settings,
+    minter: Arc<Minter>,
+    redis: Option<ConnectionManager>,
+    metrics: Arc<Metrics>,
+) -> Result<Api, StartError> {
+    let rl = &settings.config.rate_limit;
+    let other = |e: &dyn std::fmt::Display| StartError::Other(e.to_string());
+    let per_ip = Layers::per_ip(Policy {
+        requests_per_minute: settings.config.api.requests_per_minute,
+        burst: settings.config.api.burst,
+        ipv6_prefix: rl.ipv6_prefix,
+    })
+    .map_err(|e| other(&e))?;
+    let quotes = Layers::global(CDP_QUOTES_PER_SECOND).map_err(|e| other(&e))?;
+    let build = |layers: &Layers, name: &str| -> Result<Arc<dyn RateLimiter>, StartError> {
+        Ok(match &redis {
+            None => Arc::new(LayeredMemory::new(layers, rl.max_keys).map_err(|e| other(&e))?),
+            Some(connection) => Arc::new(
+                RedisLimiter::new(
+                    layers,
+                    connection.clone(),
+                    &format!("{}{name}:", rl.redis_key_prefix),
+                )
+                .map_err(|e| other(&e))?,
+            ),
+        })
+    };
+    Ok(Api::new(
+        settings,
+        minter,
+        build(&per_ip, "api")?,
+        build(&quotes, "quote")?,
+        metrics,
+    ))
 }
 
 /// Ticket verification with its replay guard: in Redis when the limits are (so every

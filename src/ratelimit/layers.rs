@@ -103,6 +103,28 @@ impl Layers {
         })
     }
 
+    /// A single bucket for everybody: `per_second` sustained, burst `max(1, per_second)`.
+    pub fn global(per_second: u32) -> Result<Self, PolicyError> {
+        if per_second == 0 || per_second > MAX_GLOBAL_PER_SECOND {
+            return Err(PolicyError::Invalid(format!(
+                "a global budget must be between 1 and {MAX_GLOBAL_PER_SECOND} per second"
+            )));
+        }
+        let policy = Policy {
+            requests_per_minute: per_second * 60,
+            burst: per_second,
+            ipv6_prefix: 128,
+        };
+        policy.validate()?;
+        Ok(Layers {
+            layers: vec![Layer {
+                kind: BucketKind::Global,
+                policy,
+                ipv4_prefix: 32,
+            }],
+        })
+    }
+
     /// The `[rate_limit]` table's buckets: per-IP always; the prefix bucket when
     /// `aggregate_requests_per_minute > 0`; the global bucket when
     /// `global_mints_per_second > 0` (its burst is `max(1, global_mints_per_second)`).
@@ -144,17 +166,9 @@ impl Layers {
             )));
         }
         if rl.global_mints_per_second > 0 {
-            let policy = Policy {
-                requests_per_minute: rl.global_mints_per_second * 60,
-                burst: rl.global_mints_per_second.max(1),
-                ipv6_prefix: 128,
-            };
-            policy.validate()?;
-            layers.layers.push(Layer {
-                kind: BucketKind::Global,
-                policy,
-                ipv4_prefix: 32,
-            });
+            layers
+                .layers
+                .extend(Self::global(rl.global_mints_per_second)?.layers);
         }
         Ok(layers)
     }

@@ -44,6 +44,44 @@ use serde_json::{json, Value};
 
 /// The one route the fake serves.
 pub const TOKEN_PATH: &str = "/onramp/v1/token";
+/// v2 Create Onramp Session, under the `/platform` prefix the gateway is configured with
+/// (`cdp.platform_base = <api_base>/platform`).
+pub const SESSIONS_PATH: &str = "/platform/v2/onramp/sessions";
+
+/// The endpoints the fake knows, each verified like the real API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Token,
+    Session,
+    BuyConfig,
+    BuyOptions,
+    BuyQuote,
+    /// `GET /onramp/v1/{buy|sell}/user/{ref}/transactions`
+    Transactions,
+}
+
+fn endpoint_of(method: &http::Method, path: &str) -> Option<Endpoint> {
+    use http::Method;
+    let e = match (method, path) {
+        (&Method::POST, TOKEN_PATH) => Endpoint::Token,
+        (&Method::POST, SESSIONS_PATH) => Endpoint::Session,
+        (&Method::GET, "/onramp/v1/buy/config") => Endpoint::BuyConfig,
+        (&Method::GET, "/onramp/v1/buy/options") => Endpoint::BuyOptions,
+        (&Method::POST, "/onramp/v1/buy/quote") => Endpoint::BuyQuote,
+        (&Method::GET, p) => {
+            let rest = p
+                .strip_prefix("/onramp/v1/buy/user/")
+                .or_else(|| p.strip_prefix("/onramp/v1/sell/user/"))?;
+            let reference = rest.strip_suffix("/transactions")?;
+            if reference.is_empty() || reference.contains('/') {
+                return None;
+            }
+            Endpoint::Transactions
+        }
+        _ => return None,
+    };
+    Some(e)
+}
 
 /// Allowed clock skew between the gateway's `nbf`/`iat` and the fake's clock.
 const CLOCK_SKEW_SECS: i64 = 5;
@@ -259,6 +297,8 @@ pub struct RecordedRequest {
     /// The session token answered, if any.
     pub token: Option<String>,
     pub received_at: Instant,
+    /// Which endpoint it was for (`None`: an unknown route, answered 404).
+    pub endpoint: Option<Endpoint>,
 }
 
 impl RecordedRequest {
@@ -287,6 +327,7 @@ struct Inner {
 struct State {
     verifier: Verifier,
     expected_uri: String,
+    port: u16,
     inner: Mutex<Inner>,
 }
 
@@ -323,6 +364,7 @@ impl FakeCdp {
                 public_key: public_key.to_vec(),
             },
             expected_uri: format!("POST 127.0.0.1:{}{TOKEN_PATH}", addr.port()),
+            port: addr.port(),
             inner: Mutex::new(Inner::default()),
         });
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -508,6 +550,221 @@ fn raw_response(status: u16, content_type: &str, body: Bytes) -> Response<Body> 
     resp
 }
 
+/// The v2 error shape: `{errorType, errorMessage, correlationId}`.
+fn v2_error(status: u16, _code: i32, message: &str) -> Response<Body> {
+    let error_type = match status {
+        400 => "invalid_request",
+        401 => "unauthorized",
+        429 => "rate_limit_exceeded",
+        _ => "internal_server_error",
+    };
+    json_response(
+        status,
+        json!({
+            "errorType": error_type,
+            "errorMessage": message,
+            "correlationId": format!("fake-corr-{}", hex(&random_bytes::<4>())),
+        }),
+    )
+}
+
+/// Request checks of the non-token endpoints, in the real casing: v2 camelCase,
+/// v1 snake_case; query parameters as documented.
+fn check_other(
+    e: Endpoint,
+    headers: &http::HeaderMap,
+    query: Option<&str>,
+    raw: &[u8],
+) -> Result<(), String> {
+    let params: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .into_owned()
+        .collect();
+    let json_body = || -> Result<serde_json::Map<String, Value>, String> {
+        let ct = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !ct.starts_with("application/json") {
+            return Err(format!("Content-Type is {ct:?}, expected application/json"));
+        }
+        match serde_json::from_slice::<Value>(raw) {
+            Ok(Value::Object(m)) => Ok(m),
+            _ => Err("body is not a JSON object".into()),
+        }
+    };
+    let only = |m: &serde_json::Map<String, Value>, allowed: &[&str], required: &[&str]| {
+        for k in m.keys() {
+            if !allowed.contains(&k.as_str()) {
+                return Err(format!("unexpected body field {k:?}"));
+            }
+            if !m[k].is_string() {
+                return Err(format!("body field {k:?} is not a string"));
+            }
+        }
+        for r in required {
+            if m.get(*r).and_then(Value::as_str).is_none_or(str::is_empty) {
+                return Err(format!("missing required field {r:?}"));
+            }
+        }
+        Ok(())
+    };
+    match e {
+        Endpoint::Token => Ok(()),
+        Endpoint::Session => {
+            let m = json_body()?;
+            only(
+                &m,
+                &[
+                    "destinationAddress",
+                    "destinationNetwork",
+                    "purchaseCurrency",
+                    "paymentAmount",
+                    "purchaseAmount",
+                    "paymentCurrency",
+                    "paymentMethod",
+                    "country",
+                    "subdivision",
+                    "redirectUrl",
+                    "clientIp",
+                    "partnerUserRef",
+                ],
+                &[
+                    "destinationAddress",
+                    "destinationNetwork",
+                    "purchaseCurrency",
+                ],
+            )?;
+            if m.contains_key("paymentAmount") && m.contains_key("purchaseAmount") {
+                return Err("Providing both paymentAmount and purchaseAmount".into());
+            }
+            Ok(())
+        }
+        Endpoint::BuyQuote => {
+            let m = json_body()?;
+            only(
+                &m,
+                &[
+                    "purchase_currency",
+                    "purchase_network",
+                    "payment_amount",
+                    "payment_currency",
+                    "payment_method",
+                    "country",
+                    "subdivision",
+                    "destination_address",
+                ],
+                &[
+                    "purchase_currency",
+                    "payment_amount",
+                    "payment_currency",
+                    "payment_method",
+                    "country",
+                ],
+            )
+        }
+        Endpoint::BuyConfig | Endpoint::BuyOptions | Endpoint::Transactions => {
+            if !raw.is_empty() {
+                return Err("a GET carries no body".into());
+            }
+            let allowed: &[&str] = match e {
+                Endpoint::BuyConfig => &[],
+                Endpoint::BuyOptions => &["country", "subdivision", "networks"],
+                _ => &["page_key", "page_size"],
+            };
+            for (k, _) in &params {
+                if !allowed.contains(&k.as_str()) {
+                    return Err(format!("unexpected query parameter {k:?}"));
+                }
+            }
+            if e == Endpoint::BuyOptions
+                && !params.iter().any(|(k, v)| k == "country" && !v.is_empty())
+            {
+                return Err("country is required".into());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Answers of the non-token endpoints in the real casing (v1 snake_case with one field
+/// the gateway has never heard of, to prove it is passed through; v2 camelCase).
+fn answer_other(e: Option<Endpoint>, body: &Value, path: &str, token: &str) -> (u16, Value) {
+    match e {
+        Some(Endpoint::Session) => {
+            let mut answer = json!({
+                "session": {"onrampUrl": format!("https://pay.coinbase.com/buy?sessionToken={token}")}
+            });
+            if body.get("paymentMethod").is_some() && body.get("country").is_some() {
+                answer["quote"] = json!({
+                    "paymentTotal": "101.50", "paymentSubtotal": "100.00",
+                    "paymentCurrency": body.get("paymentCurrency").cloned().unwrap_or(json!("USD")),
+                    "purchaseAmount": "99.8", "purchaseCurrency": body["purchaseCurrency"],
+                    "destinationNetwork": body["destinationNetwork"],
+                    "fees": [{"type": "FEE_TYPE_NETWORK", "amount": "0.01", "currency": "USD"}],
+                    "exchangeRate": "1.0",
+                });
+            }
+            (201, answer)
+        }
+        Some(Endpoint::BuyConfig) => (
+            200,
+            json!({"countries": [{"id": "US", "subdivisions": ["NY", "CA"],
+                "payment_methods": [{"id": "CARD"}, {"id": "ACH_BANK_ACCOUNT"}]}]}),
+        ),
+        Some(Endpoint::BuyOptions) => (
+            200,
+            json!({
+                "payment_currencies": [{"id": "USD", "limits": [
+                    {"id": "CARD", "min": "1.00", "max": "500.00"},
+                    {"id": "ACH_BANK_ACCOUNT", "min": "1.00", "max": "25000.00"}]}],
+                "purchase_currencies": [{"id": "2b92315d-eab7-5bef-84fa-089a131333f5",
+                    "name": "USD Coin", "symbol": "USDC", "icon_url": "https://example.invalid/usdc.png",
+                    "networks": [{"name": "base", "display_name": "Base", "chain_id": "8453",
+                        "contract_address": "0x833589fcd6edb6e08f4c7c32d4f71b54bda02913",
+                        "icon_url": "https://example.invalid/base.png"}]}],
+                "brand_new_field": {"nested_value": 1},
+            }),
+        ),
+        Some(Endpoint::BuyQuote) => {
+            let amount = |v: &str, c: &Value| json!({"value": v, "currency": c});
+            let fiat = body
+                .get("payment_currency")
+                .cloned()
+                .unwrap_or(json!("USD"));
+            let crypto = body
+                .get("purchase_currency")
+                .cloned()
+                .unwrap_or(json!("USDC"));
+            let mut q = json!({
+                "payment_total": amount("101.50", &fiat),
+                "payment_subtotal": amount("100.00", &fiat),
+                "purchase_amount": amount("99.80", &crypto),
+                "coinbase_fee": amount("1.49", &fiat),
+                "network_fee": amount("0.01", &fiat),
+                "quote_id": format!("quote-{}", hex(&random_bytes::<4>())),
+            });
+            if body.get("destination_address").is_some() {
+                q["onramp_url"] = json!(format!(
+                    "https://pay.coinbase.com/buy?sessionToken={token}&quoteId={}",
+                    q["quote_id"].as_str().unwrap_or("")
+                ));
+            }
+            (200, q)
+        }
+        Some(Endpoint::Transactions) => {
+            let reference = path.split('/').rev().nth(1).unwrap_or_default().to_string();
+            (
+                200,
+                json!({"transactions": [{"status": "ONRAMP_TRANSACTION_STATUS_SUCCESS",
+                    "partner_user_ref": reference, "tx_hash": "0xabc",
+                    "purchase_amount": {"value": "10", "currency": "USDC"}}],
+                    "next_page_key": "", "total_count": "1"}),
+            )
+        }
+        Some(Endpoint::Token) | None => (404, json!({})),
+    }
+}
+
 fn rpc_error(status: u16, code: i32, message: &str) -> Response<Body> {
     json_response(
         status,
@@ -549,20 +806,34 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     };
     let body_json: Value = serde_json::from_slice(&raw_body).unwrap_or(Value::Null);
 
-    let (jwt_header, claims, auth_result) = check_auth(&state, &parts.headers);
+    let endpoint = endpoint_of(&parts.method, parts.uri.path());
+    // The real API signs host + path only: a query in `uris` is refused.
+    let expected_uri = format!(
+        "{} 127.0.0.1:{}{}",
+        parts.method,
+        state.port,
+        parts.uri.path()
+    );
+    let (jwt_header, claims, auth_result) = check_auth(&state, &parts.headers, &expected_uri);
     let reject_private = state.lock().reject_private_client_ip;
+    let v2 = endpoint == Some(Endpoint::Session);
 
     // Checks in the order the real API would apply them: route, then auth, then body.
-    let failure: Option<(u16, i32, String)> = if parts.uri.path() != TOKEN_PATH {
-        Some((404, 5, format!("no route for {}", parts.uri.path())))
-    } else if parts.method != http::Method::POST {
-        Some((405, 12, format!("method {method} not allowed")))
-    } else if let Err(e) = &auth_result {
-        Some((401, 16, e.clone()))
-    } else if let Err(e) = check_body(&parts.headers, &raw_body, reject_private) {
-        Some((400, 3, e))
-    } else {
-        None
+    let failure: Option<(u16, i32, String)> = match endpoint {
+        None => Some((
+            404,
+            5,
+            format!("no route for {method} {}", parts.uri.path()),
+        )),
+        Some(_) if auth_result.is_err() => {
+            Some((401, 16, auth_result.clone().err().unwrap_or_default()))
+        }
+        Some(Endpoint::Token) => check_body(&parts.headers, &raw_body, reject_private)
+            .err()
+            .map(|e| (400, 3, e)),
+        Some(e) => check_other(e, &parts.headers, parts.uri.query(), &raw_body)
+            .err()
+            .map(|m| (400, 3, m)),
     };
 
     let (response, delay) = {
@@ -580,9 +851,29 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         }
         let mode = inner.mode.clone().unwrap_or(Mode::Ok);
         let mut token = None;
+        let error = |status: u16, code: i32, msg: &str| {
+            if v2 {
+                v2_error(status, code, msg)
+            } else {
+                rpc_error(status, code, msg)
+            }
+        };
         let (status, response): (u16, Option<Response<Body>>) = match &failure {
-            Some((status, code, msg)) => (*status, Some(rpc_error(*status, *code, msg))),
+            Some((status, code, msg)) => (*status, Some(error(*status, *code, msg))),
             None => match &mode {
+                Mode::Ok | Mode::Slow(_) if endpoint != Some(Endpoint::Token) => {
+                    inner.issued += 1;
+                    let t = format!(
+                        "fake-session-token-{}-{}",
+                        inner.issued,
+                        hex(&random_bytes::<8>())
+                    );
+                    let (status, body) = answer_other(endpoint, &body_json, parts.uri.path(), &t);
+                    if endpoint == Some(Endpoint::Session) || body.get("onramp_url").is_some() {
+                        token = Some(t);
+                    }
+                    (status, Some(json_response(status, body)))
+                }
                 Mode::Ok | Mode::Slow(_) => {
                     inner.issued += 1;
                     let t = format!(
@@ -596,9 +887,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
                         Some(json_response(200, json!({ "token": t, "channel_id": "" }))),
                     )
                 }
-                Mode::ServerError => (500, Some(rpc_error(500, 13, "internal error"))),
-                Mode::InvalidAddress => (400, Some(rpc_error(400, 3, "invalid address"))),
-                Mode::RateLimited => (429, Some(rpc_error(429, 8, "rate_limit_exceeded"))),
+                Mode::ServerError => (500, Some(error(500, 13, "internal error"))),
+                Mode::InvalidAddress => (400, Some(error(400, 3, "invalid address"))),
+                Mode::RateLimited => (429, Some(error(429, 8, "rate_limit_exceeded"))),
                 Mode::Garbage => (
                     200,
                     Some(raw_response(
@@ -639,6 +930,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
             status,
             token,
             received_at,
+            endpoint,
         });
         (response, delay)
     };
@@ -670,7 +962,11 @@ fn decode_json_part(part: &str, what: &str) -> Result<Value, String> {
 
 /// Returns (header, claims, verdict). Header/claims are `Null` when the JWT could not be split
 /// and decoded; they are returned even when a later check fails, for test assertions.
-fn check_auth(state: &State, headers: &http::HeaderMap) -> (Value, Value, Result<(), String>) {
+fn check_auth(
+    state: &State,
+    headers: &http::HeaderMap,
+    expected_uri: &str,
+) -> (Value, Value, Result<(), String>) {
     let mut header = Value::Null;
     let mut claims = Value::Null;
     let verdict = (|| {
@@ -705,7 +1001,7 @@ fn check_auth(state: &State, headers: &http::HeaderMap) -> (Value, Value, Result
             .verify(signing_input.as_bytes(), &sig)
             .map_err(|_| "JWT signature does not verify with the key's public key")?;
 
-        check_claims(state, &header, &claims)
+        check_claims(expected_uri, &header, &claims)
     })();
     (header, claims, verdict)
 }
@@ -749,7 +1045,7 @@ fn check_header(verifier: &Verifier, header: &Value) -> Result<(), String> {
     Ok(())
 }
 
-fn check_claims(state: &State, header: &Value, claims: &Value) -> Result<(), String> {
+fn check_claims(expected_uri: &str, header: &Value, claims: &Value) -> Result<(), String> {
     let obj = claims.as_object().ok_or("JWT claims are not an object")?;
     let mut names: Vec<&str> = obj.keys().map(String::as_str).collect();
     names.sort_unstable();
@@ -784,10 +1080,10 @@ fn check_claims(state: &State, header: &Value, claims: &Value) -> Result<(), Str
     if exp != nbf + 120 {
         return Err(format!("JWT exp - nbf = {}, expected 120", exp - nbf));
     }
-    if obj["uris"] != json!([state.expected_uri]) {
+    if obj["uris"] != json!([expected_uri]) {
         return Err(format!(
-            "JWT uris is {}, expected [{:?}]",
-            obj["uris"], state.expected_uri
+            "JWT uris is {}, expected [{expected_uri:?}]",
+            obj["uris"]
         ));
     }
     Ok(())
