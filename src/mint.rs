@@ -56,6 +56,15 @@ pub struct Minter {
     private_ip_warned: AtomicBool,
 }
 
+/// Why [`Minter::known`] is asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// To mint for `flow`: its validation rules apply.
+    Mint(Flow),
+    /// To learn who the user is (their addresses, partnerUserRef) for `flow`'s data.
+    Identity(Flow),
+}
+
 /// What the address source knows (see [`Minter::known`]).
 pub(crate) enum Known {
     Browser,
@@ -155,7 +164,13 @@ impl Minter {
             Input::Json(b) => ClientInput::Json(b),
         };
         let mint_request = match self
-            .known(&parts.headers, &input, flow, client.ip, client_input)
+            .known(
+                &parts.headers,
+                &input,
+                Purpose::Mint(flow),
+                client.ip,
+                client_input,
+            )
             .await?
         {
             Known::Browser => validate(&input, &self.rules(flow))?,
@@ -233,33 +248,43 @@ impl Minter {
     }
 
     /// What the configured address source says about this request: the app's context
-    /// (`upstream`) or a verified, now used, ticket (`ticket`), validated for `flow` with
-    /// the client's presets from `client_input`; or nothing (`request`: the browser's
-    /// input is all there is). The one place the `[api]` endpoints and the minting routes
-    /// learn who the user is.
+    /// (`upstream`) or a verified, now used, ticket (`ticket`, bound to `flow`), validated
+    /// with `purpose`'s rules and the client's presets from `client_input`; or nothing
+    /// (`request`: the browser's input is all there is). The one place the `[api]`
+    /// endpoints and the minting routes learn who the user is.
     pub(crate) async fn known(
         &self,
         headers: &HeaderMap,
         input: &Input,
-        flow: Flow,
+        purpose: Purpose,
         client_ip: IpAddr,
         client_input: ClientInput<'_>,
     ) -> Result<Known, GatewayError> {
+        let (flow, rules_flow) = match purpose {
+            Purpose::Mint(flow) => (flow, flow),
+            // Reading the user's history needs their identity, not offramp's mint rules
+            // (partnerUserRef and redirectUrl required).
+            Purpose::Identity(flow) => (flow, Flow::Onramp),
+        };
         if let Some(context) = &self.context {
             let context_json = match context.fetch(headers, client_ip).await? {
                 ContextAnswer::Json(bytes) => bytes,
                 ContextAnswer::Relay(response) => return Ok(Known::Relay(response)),
             };
-            return request::from_upstream_context(&context_json, client_input, &self.rules(flow))
-                .map(Known::App)
-                .map_err(validation_error);
+            return request::from_upstream_context(
+                &context_json,
+                client_input,
+                &self.rules(rules_flow),
+            )
+            .map(Known::App)
+            .map_err(validation_error);
         }
         if let Some(tickets) = &self.tickets {
             let ticket = self.verify_ticket(tickets, input, flow).await?;
             return request::from_upstream_context(
                 &ticket.context_json,
                 client_input,
-                &self.rules(flow),
+                &self.rules(rules_flow),
             )
             .map(Known::App)
             .map_err(|e| match e.origin {

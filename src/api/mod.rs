@@ -37,7 +37,7 @@ use crate::config::{AddressSource, Settings};
 use crate::error::GatewayError;
 use crate::gate::{Gate, Pass};
 use crate::metrics::Metrics;
-use crate::mint::{Input, Known, Minter};
+use crate::mint::{Input, Known, Minter, Purpose};
 use crate::onramp::address;
 use crate::onramp::request::{ClientInput, Flow};
 use crate::onramp::session_v2::{PAY_HOST, PAY_SANDBOX_HOST};
@@ -249,7 +249,13 @@ impl Api {
                 let input = Input::Json(Bytes::from(Value::Object(body.clone()).to_string()));
                 match self
                     .minter
-                    .known(headers, &input, Flow::Onramp, ip, ClientInput::None)
+                    .known(
+                        headers,
+                        &input,
+                        Purpose::Mint(Flow::Onramp),
+                        ip,
+                        ClientInput::None,
+                    )
                     .await?
                 {
                     Known::Relay(r) => return Ok(r),
@@ -334,7 +340,13 @@ impl Api {
         let input = Input::Query(query.to_string());
         let partner_user_ref = match self
             .minter
-            .known(headers, &input, q.flow, ip, ClientInput::None)
+            .known(
+                headers,
+                &input,
+                Purpose::Identity(q.flow),
+                ip,
+                ClientInput::None,
+            )
             .await?
         {
             Known::Relay(r) => return Ok(r),

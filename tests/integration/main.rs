@@ -13,3 +13,4 @@ mod operations;
 mod proxy;
 mod startup;
 mod tls_listener;
+mod v2_flows;
