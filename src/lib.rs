@@ -20,6 +20,7 @@ pub mod cdp;
 pub mod cli_mint;
 pub mod client_ip;
 pub mod config;
+pub mod conn_limit;
 pub mod error;
 pub mod listener;
 pub mod logging;

@@ -3,6 +3,7 @@
 //! connections, and 502/504 on failure.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -14,7 +15,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio_util::task::TaskTracker;
 
-use crate::client_ip::ClientIp;
+use crate::client_ip::{ClientIp, ConnInfo};
 use crate::error::GatewayError;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -92,8 +93,9 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         client: ClientIp,
-        peer: IpAddr,
+        conn: &Arc<ConnInfo>,
     ) -> Result<Forwarded, GatewayError> {
+        let peer = conn.peer.ip();
         let upgrade = requested_upgrade(&req);
         let original_host = original_host(&req);
 
@@ -140,7 +142,11 @@ impl Proxy {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
                 let idle = self.tunnel_idle_timeout;
+                // The tunnel holds the connection's lease: it keeps its max_connections
+                // and per-IP slots, and stays in connections_active, until it closes.
+                let conn = conn.clone();
                 self.tunnels.spawn(async move {
+                    let _lease = conn;
                     match tokio::try_join!(client_upgrade, upstream_upgrade) {
                         Ok((client_io, upstream_io)) => {
                             tunnel(TokioIo::new(client_io), TokioIo::new(upstream_io), idle).await;

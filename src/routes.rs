@@ -61,7 +61,7 @@ impl App {
         req: Request<Incoming>,
         route: Route,
         client: ClientIp,
-        conn: &ConnInfo,
+        conn: &Arc<ConnInfo>,
     ) -> Response<ResponseBody> {
         if header_bytes(&req) > self.max_header_bytes {
             return GatewayError::HeadersTooLarge.into_response(req.headers());
@@ -70,7 +70,7 @@ impl App {
             Route::proxy => {
                 // Only what error rendering needs: no copy of the whole header map per request.
                 let json = crate::error::wants_json(req.headers());
-                match self.proxy.forward(req, client, conn.peer.ip()).await {
+                match self.proxy.forward(req, client, conn).await {
                     Ok(forwarded) => {
                         self.metrics
                             .upstream_request_duration

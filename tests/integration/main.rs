@@ -10,5 +10,6 @@ mod load_balancer;
 mod minting;
 mod operations;
 mod proxy;
+mod seams;
 mod startup;
 mod tls_listener;
