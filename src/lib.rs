@@ -7,7 +7,9 @@
 //! - [`listener`]: accept loop, connection limits, timeouts, per-connection HTTP.
 //! - [`client_ip`]: the client IP decision (socket peer; trusted proxies).
 //! - [`routes`]: routing, access log, request metrics.
-//! - [`proxy`]: forwarding to the upstream app.
+//! - [`proxy`]: forwarding to the upstream app; [`forwarding`]: the header rules it and
+//!   the app-context call share; [`upstream`]: the one client to the app.
+//! - [`conn_limit`]: connection slots (global, per IP) and their one owner.
 //! - [`mint`]: the onramp/offramp routes; [`onramp`] parses and validates their input.
 //! - [`cdp`]: CDP API key, JWT, token client. [`ratelimit`]: per-IP limits.
 //! - [`admin`], [`metrics`]: health, readiness and Prometheus metrics.
@@ -22,6 +24,7 @@ pub mod client_ip;
 pub mod config;
 pub mod conn_limit;
 pub mod error;
+pub mod forwarding;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
@@ -33,3 +36,4 @@ pub mod ratelimit;
 pub mod routes;
 pub mod server;
 pub mod tls;
+pub mod upstream;

@@ -27,7 +27,7 @@ use crate::conn_limit::{ConnLease, ConnLimits};
 use crate::listener::{accept_loop, http_builder, serve_http, ConnTimeouts, Handler, HttpSettings};
 use crate::metrics::Metrics;
 use crate::mint::Minter;
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, ProxySettings};
 use crate::proxy_protocol;
 use crate::ratelimit::{MemoryLimiter, Policy, RateLimiter, RedisLimiter};
 use crate::routes::App;
@@ -106,11 +106,16 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         );
     }
 
+    // One upstream pool for the proxy and the minting routes' app-context call.
+    let upstream = crate::upstream::shared_client(settings.upstream_connect_timeout());
     let proxy = Proxy::new(
-        &settings.upstream,
-        settings.upstream_connect_timeout(),
-        settings.upstream_response_timeout(),
-        settings.idle_timeout(),
+        upstream,
+        ProxySettings {
+            upstream: settings.upstream.clone(),
+            response_timeout: settings.upstream_response_timeout(),
+            idle_timeout: settings.idle_timeout(),
+            upgrade_protocols: settings.conn.upgrade_protocols.clone(),
+        },
         connections.clone(),
     );
     let minter = match cdp_key {

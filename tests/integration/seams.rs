@@ -194,3 +194,525 @@ async fn admin_idle_connections_are_cut_and_cannot_starve_probes() {
         assert!(matches!(r, Ok(0) | Err(_)), "{what}: {r:?}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Raw HTTP/1.1 and HTTP/2 helpers.
+
+/// Writes `request` on a fresh TLS connection (HTTP/1.1) and reads until the gateway
+/// closes it (requests here say `Connection: close`, or end in a refusal that closes).
+async fn raw_h1(gw: &Gateway, request: &[u8]) -> String {
+    let mut tls = gw.tls_connect(Alpn::Http11).await;
+    tls.write_all(request).await.unwrap();
+    read_to_close(&mut tls, Duration::from_secs(10)).await
+}
+
+async fn read_to_close<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Duration) -> String {
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(within, async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "connection not closed within {within:?}; got so far:\n{}",
+        String::from_utf8_lossy(&out)
+    );
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status_of(raw: &str) -> u16 {
+    raw.get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status line in {raw:?}"))
+}
+
+/// The JSON body of a raw `Content-Length` response (the fake upstream's `/echo`).
+fn json_body(raw: &str) -> serde_json::Value {
+    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {raw}"))
+}
+
+fn header_values(echo: &serde_json::Value, name: &str) -> Vec<String> {
+    echo["headers"][name]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|v| v.as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn h2_client(gw: &Gateway) -> h2::client::SendRequest<bytes::Bytes> {
+    let tls = gw.tls_connect(Alpn::H2).await;
+    let (send, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send
+}
+
+/// One HTTP/2 request without a body: status and body.
+async fn h2_request(
+    send: &h2::client::SendRequest<bytes::Bytes>,
+    req: http::Request<()>,
+) -> (u16, Vec<u8>) {
+    let mut send = send.clone().ready().await.expect("h2 ready");
+    let (resp, _) = send.send_request(req, true).expect("send_request");
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("h2 response within 10 s")
+        .expect("h2 response");
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let mut out = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("h2 body");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        out.extend_from_slice(&chunk);
+    }
+    (status, out)
+}
+
+fn h2_get(gw: &Gateway, path: &str) -> http::request::Builder {
+    http::Request::get(format!("https://localhost:{}{path}", gw.https_addr.port()))
+}
+
+async fn metrics_text(gw: &Gateway) -> String {
+    gw.admin_get("/metrics").await.1
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// Item 4: a client named by a PROXY header is the client, even inside `trusted_proxies`:
+/// its own `X-Forwarded-For` is never believed (before: it chose its IP and bucket).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_named_client_cannot_choose_its_ip_with_xff() {
+    let up = Upstream::start().await;
+    let gw = GatewayBuilder::new(&up.url())
+        .section(
+            "server",
+            "proxy_protocol = \"on\"\ntrusted_proxies = [\"127.0.0.0/8\"]",
+        )
+        .start()
+        .await;
+    let mut tcp = TcpStream::connect(gw.https_addr).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 127.0.0.9 127.0.0.1 5555 8443\r\n")
+        .await
+        .unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(gw.client_config(Alpn::Http11))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .expect("TLS after the PROXY header");
+    tls.write_all(
+        b"GET /echo HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: 6.6.6.6\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let raw = read_to_close(&mut tls, Duration::from_secs(10)).await;
+    assert_eq!(status_of(&raw), 200, "{raw}");
+    assert_eq!(
+        header_values(&json_body(&raw), "x-forwarded-for"),
+        vec!["127.0.0.9"]
+    );
+}
+
+/// Items 4 and 9: `check` refuses what the run would refuse (exit 0 means it starts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_refuses_configs_the_run_would_refuse() {
+    let cases = [
+        (
+            "server",
+            "max_connections = 4611686018427387904",
+            "server.max_connections",
+        ),
+        (
+            "server",
+            "trusted_proxies = [\"0.0.0.0/0\"]",
+            "server.trusted_proxies[0]",
+        ),
+        (
+            "server",
+            "trusted_proxies = [\"::/0\"]",
+            "server.trusted_proxies[0]",
+        ),
+        (
+            "rate_limit",
+            "backend = \"redis\"\nredis_url = \"rediss://redis.example:6380/0\"",
+            "TLS Redis is not supported by this build",
+        ),
+    ];
+    for (section, snippet, expect) in cases {
+        let out = GatewayBuilder::new("http://127.0.0.1:3000")
+            .section(section, snippet)
+            .check();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "check accepted {snippet}: {text}");
+        assert!(text.contains(expect), "{snippet}: {text}");
+    }
+}
+
+/// Item 5: only `server.upgrade_protocols` are passed to the app; `h2c` is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_listed_upgrade_protocols_reach_the_app() {
+    let up = Upstream::start().await;
+    let gw = GatewayBuilder::new(&up.url()).start().await;
+    let raw = raw_h1(
+        &gw,
+        b"GET /echo HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, HTTP2-Settings, close\r\n\
+          Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&raw), 400, "{raw}");
+    assert_eq!(up.requests(), 0, "an h2c upgrade reached the app");
+    // WebSocket (any case) still works.
+    let _ws = open_ws(&gw).await;
+}
+
+/// Item 6: owned headers are set after hop-by-hop stripping (`Connection: x-request-id`
+/// cannot remove them) and HTTP/1.1 without `Host` is 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cannot_strip_gateway_headers_and_host_is_required() {
+    let up = Upstream::start().await;
+    let gw = GatewayBuilder::new(&up.url()).start().await;
+    let raw = raw_h1(
+        &gw,
+        b"GET /echo HTTP/1.1\r\nHost: localhost\r\n\
+          Connection: close, x-request-id, x-forwarded-for, x-forwarded-proto, x-forwarded-host\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&raw), 200, "{raw}");
+    let echo = json_body(&raw);
+    let rid = header_values(&echo, "x-request-id");
+    assert_eq!(rid.len(), 1, "{echo}");
+    assert!(
+        raw.to_ascii_lowercase()
+            .contains(&format!("x-request-id: {}", rid[0])),
+        "the app's id differs from the client's: {raw}"
+    );
+    assert_eq!(header_values(&echo, "x-forwarded-for"), vec!["127.0.0.1"]);
+    assert_eq!(header_values(&echo, "x-forwarded-proto"), vec!["https"]);
+    assert_eq!(header_values(&echo, "x-forwarded-host"), vec!["localhost"]);
+
+    let before = up.requests();
+    let raw = raw_h1(&gw, b"GET /echo HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status_of(&raw), 400, "{raw}");
+    assert_eq!(up.requests(), before);
+}
+
+/// Item 7: the response timeout starts when the upload is complete; a slow but moving
+/// upload longer than it is served (before: 504 mid-upload).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_upload_is_not_cut_by_the_response_timeout() {
+    let up = Upstream::start().await;
+    let gw = GatewayBuilder::new(&up.url())
+        .section("upstream", "response_timeout_ms = 700")
+        .start()
+        .await;
+    let mut tls = gw.tls_connect(Alpn::Http11).await;
+    tls.write_all(b"POST /hash HTTP/1.1\r\nHost: localhost\r\nContent-Length: 30\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        tls.write_all(&[b'x'; 10]).await.unwrap();
+        tls.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let raw = read_to_close(&mut tls, Duration::from_secs(10)).await;
+    assert_eq!(status_of(&raw), 200, "{raw}");
+    assert_eq!(json_body(&raw)["len"], 30);
+}
+
+/// Item 7: a stalled upload is bounded by `idle_timeout_ms`: 408, then the connection
+/// closes (before: held until the 60 s response timeout, then 504).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_upload_is_408_after_the_idle_timeout() {
+    let up = Upstream::start().await;
+    let gw = GatewayBuilder::new(&up.url())
+        .section("server", "idle_timeout_ms = 500")
+        .start()
+        .await;
+    let mut tls = gw.tls_connect(Alpn::Http11).await;
+    tls.write_all(
+        b"POST /hash HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n0123456789",
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let raw = read_to_close(&mut tls, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&raw), 408, "{raw}");
+    assert!(started.elapsed() >= Duration::from_millis(400), "too early");
+}
+
+/// A raw app that answers the head at once, then echoes the request body as it arrives
+/// (full-duplex HTTP/1.1, what gRPC-web or streaming uploads with progress do).
+async fn duplex_app() -> (String, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let head_end = loop {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    .await;
+                let mut got = buf.len() - head_end;
+                if got > 0 {
+                    let body = buf[head_end..].to_vec();
+                    let _ = s
+                        .write_all(format!("{:x}\r\n", body.len()).as_bytes())
+                        .await;
+                    let _ = s.write_all(&body).await;
+                    let _ = s.write_all(b"\r\n").await;
+                }
+                while got < len {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    got += n;
+                    let _ = s.write_all(format!("{n:x}\r\n").as_bytes()).await;
+                    let _ = s.write_all(&chunk[..n]).await;
+                    let _ = s.write_all(b"\r\n").await;
+                }
+                let _ = s.write_all(b"0\r\n\r\n").await;
+            });
+        }
+    });
+    (url, task)
+}
+
+/// Item 8: full-duplex HTTP/1.1 (the app answers before the upload ends) is not cut at
+/// `header_read_timeout_ms`: body bytes never restart the request-head timer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_duplex_upload_outlives_the_header_timeout() {
+    let (url, _app) = duplex_app().await;
+    let gw = GatewayBuilder::new(&url)
+        .section("server", "header_read_timeout_ms = 400")
+        .start()
+        .await;
+    let mut tls = gw.tls_connect(Alpn::Http11).await;
+    tls.write_all(b"POST /duplex HTTP/1.1\r\nHost: localhost\r\nContent-Length: 30\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    for i in 0..3u8 {
+        tls.write_all(&[b'a' + i; 10]).await.unwrap();
+        tls.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let raw = read_to_close(&mut tls, Duration::from_secs(10)).await;
+    assert_eq!(status_of(&raw), 200, "{raw}");
+    for i in 0..3u8 {
+        let piece = String::from_utf8(vec![b'a' + i; 10]).unwrap();
+        assert!(
+            raw.contains(&piece),
+            "{piece} missing (cut early?): {raw:?}"
+        );
+    }
+    assert!(raw.ends_with("0\r\n\r\n"), "response not complete: {raw:?}");
+}
+
+/// Item 10: HTTP/2 cookie crumbs reach the HTTP/1.1 app as one `Cookie` joined with "; ".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_cookie_crumbs_are_joined_for_the_app() {
+    let up = Upstream::start().await;
+    let gw = GatewayBuilder::new(&up.url()).start().await;
+    let send = h2_client(&gw).await;
+    let req = h2_get(&gw, "/echo")
+        .header("cookie", "session=abc")
+        .header("cookie", "csrf=def")
+        .header("cookie", "theme=dark")
+        .body(())
+        .unwrap();
+    let (status, body) = h2_request(&send, req).await;
+    assert_eq!(status, 200);
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        header_values(&echo, "cookie"),
+        vec!["session=abc; csrf=def; theme=dark"]
+    );
+    assert_eq!(header_values(&echo, "host").len(), 1, "{echo}");
+}
+
+/// Item 11: two Host lines, an HTTP/2 `host` that differs from `:authority`: 400; a raw
+/// non-ASCII HTTP/2 `:path` reaches the app percent-encoded; client-IP and routing
+/// headers from an untrusted peer (and underscore names) are removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_hygiene_towards_the_app() {
+    let up = Upstream::start().await;
+    let gw = GatewayBuilder::new(&up.url()).start().await;
+
+    let raw = raw_h1(
+        &gw,
+        b"GET /echo HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&raw), 400, "{raw}");
+
+    let send = h2_client(&gw).await;
+    let req = h2_get(&gw, "/echo")
+        .header("host", "evil.example")
+        .body(())
+        .unwrap();
+    assert_eq!(h2_request(&send, req).await.0, 400);
+    assert_eq!(up.requests(), 0, "a refused request reached the app");
+
+    let req = h2_get(&gw, "/echo/caf\u{e9}?q=\u{e9}").body(()).unwrap();
+    let (status, body) = h2_request(&send, req).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["path"], "/echo/caf%C3%A9");
+    assert_eq!(echo["query"], "q=%C3%A9");
+
+    let claims = [
+        "True-Client-IP",
+        "X-Client-IP",
+        "Client-IP",
+        "CF-Connecting-IP",
+        "Fastly-Client-IP",
+        "X-Cluster-Client-IP",
+        "X-Forwarded-Port",
+        "X-Forwarded-Prefix",
+        "X-Forwarded-Scheme",
+        "X-Forwarded-Ssl",
+        "X-Original-URL",
+        "X-Rewrite-URL",
+        "X_Forwarded_For",
+        "X_Real_IP",
+    ];
+    let mut req = String::from(
+        "GET /echo HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nX-Kept: yes\r\n",
+    );
+    for c in claims {
+        req.push_str(&format!("{c}: 6.6.6.6\r\n"));
+    }
+    req.push_str("\r\n");
+    let raw = raw_h1(&gw, req.as_bytes()).await;
+    assert_eq!(status_of(&raw), 200, "{raw}");
+    let echo = json_body(&raw);
+    for c in claims {
+        assert!(
+            header_values(&echo, &c.to_ascii_lowercase()).is_empty(),
+            "{c} reached the app: {echo}"
+        );
+    }
+    assert_eq!(header_values(&echo, "x-kept"), vec!["yes"]);
+    assert_eq!(header_values(&echo, "x-forwarded-for"), vec!["127.0.0.1"]);
+}
+
+/// Item 12: requests hyper refuses are logged (info, with peer and reason) and counted in
+/// `onramp_gateway_protocol_errors_total{reason}`; a malformed chunked body on a proxied
+/// request is 400, not 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_refusals_are_visible_and_bad_bodies_are_400() {
+    let up = Upstream::start().await;
+    let gw = GatewayBuilder::new(&up.url()).start().await;
+    let raw = raw_h1(
+        &gw,
+        b"GET /echo HTTP/1.1\r\nHost: localhost\r\nBad Header Line\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&raw), 400, "{raw}");
+    let ev = gw
+        .wait_for_log(Duration::from_secs(5), "protocol refusal", |e| {
+            crate::common::gateway::field_str(e, "message")
+                == Some("request refused at the protocol level")
+        })
+        .await;
+    assert_eq!(
+        crate::common::gateway::field_str(&ev, "reason"),
+        Some("http1_parse")
+    );
+    assert!(
+        crate::common::gateway::field_str(&ev, "peer").is_some_and(|p| p.starts_with("127.0.0.1:"))
+    );
+    assert_eq!(
+        ev.get("level").and_then(|l| l.as_str()),
+        Some("INFO"),
+        "{ev}"
+    );
+    let m = metrics_text(&gw).await;
+    assert!(
+        metric(
+            &m,
+            "onramp_gateway_protocol_errors_total",
+            &[("reason", "http1_parse")]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{m}"
+    );
+
+    let raw = raw_h1(
+        &gw,
+        b"POST /hash HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+          5\r\nhello\r\nzz-not-hex\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&raw), 400, "{raw}");
+}
+
+/// Item 13: an HTTP/2 connection with no open stream is idle whatever PINGs it sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_pings_do_not_keep_an_idle_connection_open() {
+    let up = Upstream::start().await;
+    let gw = GatewayBuilder::new(&up.url())
+        .section("server", "idle_timeout_ms = 600")
+        .start()
+        .await;
+    let tls = gw.tls_connect(Alpn::H2).await;
+    let (send, mut conn) = h2::client::handshake(tls).await.expect("h2 handshake");
+    let mut ping_pong = conn.ping_pong().expect("ping_pong");
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    // One request first: a connection that was used is as idle afterwards.
+    let req = h2_get(&gw, "/echo").body(()).unwrap();
+    assert_eq!(h2_request(&send, req).await.0, 200);
+    let started = Instant::now();
+    while !conn.is_finished() {
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "PINGs kept an HTTP/2 connection without streams open"
+        );
+        let _ = tokio::time::timeout(
+            Duration::from_millis(150),
+            ping_pong.ping(h2::Ping::opaque()),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "closed too early"
+    );
+}
