@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -15,11 +16,33 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::client_ip::{normalize, ClientIpPolicy};
 use crate::metrics::ConnectionGuard;
 
+/// An open HTTP connection as the eviction policy sees it.
+pub trait Evictable: Send + Sync {
+    /// When it became idle (a keep-alive that has served a request and has nothing in
+    /// flight), in any monotonic unit; `None` while busy or before its first request.
+    fn idle_since(&self) -> Option<u64>;
+    /// Asks the connection to close now (gracefully).
+    fn evict(&self);
+}
+
 /// The limits of one listener.
-#[derive(Debug)]
 pub struct ConnLimits {
     global: Arc<Semaphore>,
     per_ip: Option<PerIp>,
+    /// Open HTTP connections (not tunnels), so that at the limit the oldest idle
+    /// keep-alive can make room for a new client, the way nginx reuses idle keep-alive
+    /// connections instead of leaving new users in the kernel backlog.
+    open: Arc<Mutex<HashMap<u64, Arc<dyn Evictable>>>>,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for ConnLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnLimits")
+            .field("available", &self.global.available_permits())
+            .field("per_ip", &self.per_ip)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -41,13 +64,38 @@ impl ConnLimits {
                 open: Arc::default(),
                 exempt,
             }),
+            open: Arc::default(),
+            next_id: AtomicU64::new(0),
         }
     }
 
-    /// Waits for a global slot (the accept loop stops accepting while none is free,
-    /// leaving new clients in the kernel backlog).
+    /// Waits for a global slot.
     pub async fn acquire(&self) -> Option<OwnedSemaphorePermit> {
         self.global.clone().acquire_owned().await.ok()
+    }
+
+    /// A global slot if one is free now.
+    pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
+        self.global.clone().try_acquire_owned().ok()
+    }
+
+    /// Asks the connection idle the longest to close; false when none is idle (every
+    /// slot is busy: the new client waits). O(open connections), only run at the limit.
+    pub fn evict_oldest_idle(&self) -> bool {
+        let oldest = {
+            let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            open.values()
+                .filter_map(|c| c.idle_since().map(|t| (t, c.clone())))
+                .min_by_key(|(t, _)| *t)
+                .map(|(_, c)| c)
+        };
+        match oldest {
+            Some(c) => {
+                c.evict();
+                true
+            }
+            None => false,
+        }
     }
 
     /// Turns a global permit into a lease for a connection from `peer`, or `None` when
@@ -80,6 +128,8 @@ impl ConnLimits {
             _permit: permit,
             _ip_slot: ip_slot,
             _counted: counted,
+            limits: self.open.clone(),
+            next_id: self.next_id.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -93,11 +143,51 @@ impl ConnLimits {
 }
 
 /// Everything a connection holds while it is open. Dropping it frees the slots.
-#[derive(Debug)]
 pub struct ConnLease {
     _permit: OwnedSemaphorePermit,
     _ip_slot: Option<IpSlot>,
     _counted: Option<ConnectionGuard>,
+    limits: Arc<Mutex<HashMap<u64, Arc<dyn Evictable>>>>,
+    next_id: u64,
+}
+
+impl std::fmt::Debug for ConnLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnLease")
+            .field("ip_slot", &self._ip_slot)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnLease {
+    /// Makes the HTTP connection holding this lease a candidate for eviction (see
+    /// [`ConnLimits::evict_oldest_idle`]) until the returned guard drops; an upgraded
+    /// tunnel, which keeps the lease but not the guard, is never evicted.
+    pub fn register(&self, conn: Arc<dyn Evictable>) -> Registered {
+        self.limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.next_id, conn);
+        Registered {
+            id: self.next_id,
+            open: self.limits.clone(),
+        }
+    }
+}
+
+/// Removes a connection from the eviction candidates when dropped.
+pub struct Registered {
+    id: u64,
+    open: Arc<Mutex<HashMap<u64, Arc<dyn Evictable>>>>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
 }
 
 #[derive(Debug)]

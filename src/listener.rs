@@ -116,14 +116,7 @@ pub async fn accept_loop<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
-        let permit = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            p = limits.acquire() => match p {
-                Some(p) => p,
-                None => break,
-            },
-        };
+        let free = limits.try_acquire();
         let (stream, peer) = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
@@ -136,6 +129,24 @@ pub async fn accept_loop<F, Fut>(
                     continue;
                 }
             },
+        };
+        let permit = match free {
+            Some(p) => p,
+            None => {
+                // Every slot is taken and a client is waiting: close the keep-alive that
+                // has been idle the longest to make room (nginx reuses idle keep-alive
+                // connections the same way). With none idle, the client waits for a
+                // slot, and further clients wait in the kernel backlog.
+                limits.evict_oldest_idle();
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break,
+                    p = limits.acquire() => match p {
+                        Some(p) => p,
+                        None => break,
+                    },
+                }
+            }
         };
         let counted = metrics.as_deref().map(ConnectionGuard::new);
         let Some(lease) = limits.admit(permit, peer.ip(), counted) else {
@@ -177,6 +188,12 @@ pub async fn serve_http<IO, H>(
     H: Handler,
 {
     let activity = Arc::new(Activity::new());
+    // A candidate for "close the oldest idle keep-alive" while this task serves HTTP;
+    // an upgraded tunnel keeps the lease but is no longer a candidate.
+    let _registered = conn
+        .lease
+        .as_ref()
+        .map(|lease| lease.register(activity.clone()));
     let io = TokioIo::new(ActivityIo {
         inner: io,
         activity: activity.clone(),
@@ -210,6 +227,9 @@ pub async fn serve_http<IO, H>(
     tokio::pin!(connection);
     let drained = drain.cancelled();
     tokio::pin!(drained);
+    let evicted = activity.evict.notified();
+    tokio::pin!(evicted);
+    let mut evicting = false;
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
     // The deadline the timer is set to; None forces a re-arm (after it fired).
@@ -226,6 +246,9 @@ pub async fn serve_http<IO, H>(
             }
             if !shutting_down && drained.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Wake::Drain);
+            }
+            if !evicting && evicted.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Evict);
             }
             let deadline = activity.deadline_ms(&timeouts);
             if armed != Some(deadline) {
@@ -252,6 +275,14 @@ pub async fn serve_http<IO, H>(
                     }
                 }
                 break;
+            }
+            Wake::Evict => {
+                evicting = true;
+                tracing::debug!(peer = %peer, "idle keep-alive closed to make room at max_connections");
+                if !shutting_down {
+                    shutting_down = true;
+                    connection.as_mut().graceful_shutdown();
+                }
             }
             Wake::Drain => {
                 // HTTP/1.1: close once the in-flight response is done (idle ones at
@@ -323,6 +354,7 @@ fn protocol_error_reason(e: &(dyn std::error::Error + 'static)) -> Option<&'stat
 enum Wake {
     Closed(Option<Box<dyn std::error::Error + Send + Sync>>),
     Drain,
+    Evict,
     Timer,
 }
 
@@ -378,6 +410,23 @@ struct Activity {
     is_h2: AtomicBool,
     /// Responses whose body has not ended yet (HTTP/2 idleness is about streams).
     open_streams: AtomicUsize,
+    /// At least one request has been received: the connection is a keep-alive.
+    served: AtomicBool,
+    /// Set by the accept loop to close this connection if it is idle at the limit.
+    evict: tokio::sync::Notify,
+}
+
+impl crate::conn_limit::Evictable for Activity {
+    fn idle_since(&self) -> Option<u64> {
+        let idle = self.served.load(Ordering::Relaxed)
+            && self.in_flight() == 0
+            && self.open_streams.load(Ordering::Relaxed) == 0;
+        idle.then(|| self.last_ms.load(Ordering::Relaxed))
+    }
+    fn evict(&self) {
+        // notify_one keeps the wake-up if the task is not polling right now.
+        self.evict.notify_one();
+    }
 }
 
 impl Activity {
@@ -392,6 +441,8 @@ impl Activity {
             awaiting_head: AtomicBool::new(true),
             is_h2: AtomicBool::new(false),
             open_streams: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
+            evict: tokio::sync::Notify::new(),
         }
     }
     fn touch(&self) {
@@ -488,6 +539,7 @@ impl InFlight {
             activity.is_h2.store(true, Ordering::Relaxed);
         }
         activity.touch();
+        activity.served.store(true, Ordering::Relaxed);
         activity.awaiting_head.store(false, Ordering::Relaxed);
         activity.head_started_ms.store(0, Ordering::Relaxed);
         activity.in_flight.fetch_add(1, Ordering::Relaxed);

@@ -716,3 +716,62 @@ async fn http2_pings_do_not_keep_an_idle_connection_open() {
         "closed too early"
     );
 }
+
+/// Reads exactly one `Content-Length` response from a keep-alive connection.
+async fn read_one_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let fut = async {
+        loop {
+            if let Some(i) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&out[..i]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if out.len() >= i + 4 + len {
+                    return;
+                }
+            }
+            let n = s.read(&mut buf).await.expect("read");
+            assert!(
+                n > 0,
+                "closed mid-response: {:?}",
+                String::from_utf8_lossy(&out)
+            );
+            out.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .expect("one response within 10 s");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Item 13: at `max_connections`, a new client gets the slot of the keep-alive that has
+/// been idle the longest, instead of waiting in the kernel backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_limit_the_oldest_idle_keep_alive_makes_room() {
+    let up = Upstream::start().await;
+    let gw = GatewayBuilder::new(&up.url())
+        .section("server", "max_connections = 2")
+        .start()
+        .await;
+    let get = b"GET /status/204 HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let mut oldest = gw.tls_connect(Alpn::Http11).await;
+    oldest.write_all(get).await.unwrap();
+    assert_eq!(status_of(&read_one_response(&mut oldest).await), 204);
+    let mut newer = gw.tls_connect(Alpn::Http11).await;
+    newer.write_all(get).await.unwrap();
+    assert_eq!(status_of(&read_one_response(&mut newer).await), 204);
+
+    assert!(
+        tls_handshake_completes(&gw, Duration::from_secs(3)).await,
+        "a new client waited although idle keep-alives held every slot"
+    );
+    // The oldest idle one was closed; the newer one still serves.
+    let _ = read_to_close(&mut oldest, Duration::from_secs(3)).await;
+    newer.write_all(get).await.unwrap();
+    assert_eq!(status_of(&read_one_response(&mut newer).await), 204);
+}
