@@ -522,17 +522,18 @@ async fn full_duplex_upload_outlives_the_header_timeout() {
         .start()
         .await;
     let mut tls = gw.tls_connect(Alpn::Http11).await;
-    tls.write_all(b"POST /duplex HTTP/1.1\r\nHost: localhost\r\nContent-Length: 30\r\nConnection: close\r\n\r\n")
+    tls.write_all(b"POST /duplex HTTP/1.1\r\nHost: localhost\r\nContent-Length: 60\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
-    for i in 0..3u8 {
+    // 6 pieces, 300 ms apart: the upload lasts ~4 times the head timeout.
+    for i in 0..6u8 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
         tls.write_all(&[b'a' + i; 10]).await.unwrap();
         tls.flush().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let raw = read_to_close(&mut tls, Duration::from_secs(10)).await;
     assert_eq!(status_of(&raw), 200, "{raw}");
-    for i in 0..3u8 {
+    for i in 0..6u8 {
         let piece = String::from_utf8(vec![b'a' + i; 10]).unwrap();
         assert!(
             raw.contains(&piece),
