@@ -776,3 +776,61 @@ async fn at_the_limit_the_oldest_idle_keep_alive_makes_room() {
     newer.write_all(get).await.unwrap();
     assert_eq!(status_of(&read_one_response(&mut newer).await), 204);
 }
+
+/// Items 10 and 14: the app-context call (addresses.source = "upstream") follows the
+/// proxy's forwarding rules: HTTP/2 cookie crumbs joined into one `Cookie`, `Host` from
+/// `:authority`, the gateway's request id and `X-Forwarded-*` (before: cookies as sent,
+/// no Host for HTTP/2 clients, no request id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_context_call_uses_the_proxys_forwarding_rules() {
+    use crate::common::context_app::{self, Anonymous, ContextApp};
+    use crate::common::fake_cdp::{FakeCdp, TestKey};
+    let key = TestKey::ed25519();
+    let fake = FakeCdp::start(&key);
+    let app = ContextApp::start(Anonymous::Unauthorized).await;
+    let mut b = GatewayBuilder::new(&app.url())
+        .section("cdp", &format!("api_base = \"{}\"", fake.api_base()))
+        .section("rate_limit", "requests_per_minute = 60000\nburst = 1000")
+        .section("addresses", "source = \"upstream\"");
+    for (k, v) in key.env() {
+        b = b.env(&k, &v);
+    }
+    let gw = b.start().await;
+    let send = h2_client(&gw).await;
+    let req = h2_get(&gw, "/onramp?defaultAsset=USDC")
+        .header("cookie", "theme=dark")
+        .header("cookie", context_app::SESSION_COOKIE)
+        .header("x-request-id", "client-chosen")
+        .body(())
+        .unwrap();
+    let (status, body) = h2_request(&send, req).await;
+    assert_eq!(
+        status,
+        302,
+        "{}\n{}",
+        String::from_utf8_lossy(&body),
+        gw.logs()
+    );
+    let seen = app.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let h = &seen[0].headers;
+    let all = |n: &str| -> Vec<String> {
+        h.get_all(n)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        all("cookie"),
+        vec![format!("theme=dark; {}", context_app::SESSION_COOKIE)]
+    );
+    let authority = format!("localhost:{}", gw.https_addr.port());
+    assert_eq!(all("host"), vec![authority.clone()]);
+    assert_eq!(all("x-forwarded-host"), vec![authority]);
+    assert_eq!(all("x-forwarded-for"), vec!["127.0.0.1"]);
+    assert_eq!(all("x-forwarded-proto"), vec!["https"]);
+    let rid = all("x-request-id");
+    assert_eq!(rid.len(), 1);
+    assert_ne!(rid[0], "client-chosen");
+    assert_eq!(rid[0].len(), 32, "{rid:?}");
+}
