@@ -834,3 +834,310 @@ async fn app_context_call_uses_the_proxys_forwarding_rules() {
     assert_ne!(rid[0], "client-chosen");
     assert_eq!(rid[0].len(), 32, "{rid:?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Abuse tests: bounded in count and time, loopback only.
+
+/// A raw-socket app that parses requests itself (Content-Length or chunked) and records
+/// every request line it sees, so a desync between gateway and app shows up as an extra
+/// request.
+struct RecordingApp {
+    url: String,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl RecordingApp {
+    async fn start() -> RecordingApp {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = lines.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let _ = serve_recorded(s, seen).await;
+                });
+            }
+        });
+        RecordingApp {
+            url,
+            lines,
+            _task: task,
+        }
+    }
+
+    fn request_lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+async fn serve_recorded(
+    mut s: TcpStream,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) -> std::io::Result<()> {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // Reads until `buf` holds at least `n` bytes.
+    async fn fill(
+        s: &mut TcpStream,
+        buf: &mut Vec<u8>,
+        chunk: &mut [u8],
+        n: usize,
+    ) -> std::io::Result<()> {
+        while buf.len() < n {
+            let got = s.read(chunk).await?;
+            if got == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            buf.extend_from_slice(&chunk[..got]);
+        }
+        Ok(())
+    }
+    async fn line(
+        s: &mut TcpStream,
+        buf: &mut Vec<u8>,
+        chunk: &mut [u8],
+    ) -> std::io::Result<String> {
+        loop {
+            if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                let l = String::from_utf8_lossy(&buf[..i]).into_owned();
+                buf.drain(..i + 2);
+                return Ok(l);
+            }
+            let n = buf.len() + 1;
+            fill(s, buf, chunk, n).await?;
+        }
+    }
+    loop {
+        let request_line = line(&mut s, &mut buf, &mut chunk).await?;
+        seen.lock().unwrap().push(request_line);
+        let mut len = 0usize;
+        let mut chunked = false;
+        loop {
+            let h = line(&mut s, &mut buf, &mut chunk)
+                .await?
+                .to_ascii_lowercase();
+            if h.is_empty() {
+                break;
+            }
+            if let Some(v) = h.strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+            if h.starts_with("transfer-encoding:") && h.contains("chunked") {
+                chunked = true;
+            }
+        }
+        if chunked {
+            loop {
+                let size = line(&mut s, &mut buf, &mut chunk).await?;
+                let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+                    .unwrap_or(0);
+                fill(&mut s, &mut buf, &mut chunk, size + 2).await?;
+                buf.drain(..size + 2);
+                if size == 0 {
+                    break;
+                }
+            }
+        } else {
+            fill(&mut s, &mut buf, &mut chunk, len).await?;
+            buf.drain(..len);
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-App: raw\r\n\r\nok")
+            .await?;
+    }
+}
+
+/// Request smuggling probes never reach the app as two requests: each either is refused
+/// or arrives as exactly one request, and the smuggled one never does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggling_probes_never_reach_the_app_as_two_requests() {
+    let app = RecordingApp::start().await;
+    let gw = GatewayBuilder::new(&app.url).start().await;
+    const SMUGGLED: &str = "GET /smuggled HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let probes: Vec<(&str, String)> = vec![
+        (
+            "CL+TE",
+            format!("POST /a HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 50\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{SMUGGLED}"),
+        ),
+        (
+            "TE+CL",
+            format!("POST /a HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n{:x}\r\n{SMUGGLED}\r\n0\r\n\r\n", SMUGGLED.len()),
+        ),
+        (
+            "duplicate CL",
+            format!("POST /a HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\nContent-Length: {}\r\n\r\n{SMUGGLED}", SMUGGLED.len()),
+        ),
+        (
+            "obs-fold TE",
+            format!("POST /a HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\nTransfer-Encoding:\r\n chunked\r\n\r\n{SMUGGLED}"),
+        ),
+        (
+            "bare LF",
+            format!("POST /a HTTP/1.1\nHost: localhost\nConnection: close\nContent-Length: 0\n\n{SMUGGLED}"),
+        ),
+        (
+            "chunked, identity",
+            format!("POST /a HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n{SMUGGLED}"),
+        ),
+        (
+            "space before colon",
+            format!("POST /a HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nTransfer-Encoding : chunked\r\nContent-Length: 0\r\n\r\n{SMUGGLED}"),
+        ),
+    ];
+    for (what, probe) in probes {
+        let before = app.request_lines().len();
+        let raw = raw_h1(&gw, probe.as_bytes()).await;
+        let from_app = raw.matches("x-app: raw").count();
+        let status = status_of(&raw);
+        let lines = app.request_lines();
+        let new = &lines[before..];
+        assert!(
+            new.iter().all(|l| !l.contains("/smuggled")),
+            "{what}: the smuggled request reached the app: {new:?}"
+        );
+        assert!(new.len() <= 1, "{what}: the app saw {new:?}");
+        assert_eq!(
+            new.len(),
+            from_app,
+            "{what}: app requests vs app answers relayed (status {status}): {raw}"
+        );
+    }
+    // Still serving normally.
+    let raw = raw_h1(
+        &gw,
+        b"GET /ok HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&raw), 200, "{raw}");
+}
+
+/// 200 slowloris clients (a request head trickled a byte at a time) are cut at
+/// `header_read_timeout_ms` while a normal client is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_clients_are_cut_while_others_are_served() {
+    let up = Upstream::start().await;
+    let gw = GatewayBuilder::new(&up.url())
+        .section("server", "header_read_timeout_ms = 1500")
+        .start()
+        .await;
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        let mut tls = gw.tls_connect(Alpn::Http11).await;
+        tls.write_all(b"GET /echo HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            .await
+            .unwrap();
+        slow.push(Some(tls));
+    }
+    let client = gw.https_client(Alpn::Http11);
+    let started = Instant::now();
+    let mut served = 0;
+    while slow.iter().any(Option::is_some) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{} slowloris connections still open after 10 s",
+            slow.iter().filter(|s| s.is_some()).count()
+        );
+        // A normal request is answered promptly meanwhile.
+        let t = Instant::now();
+        let r = client.get(gw.url("/echo")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "normal client starved"
+        );
+        served += 1;
+        // Every slow client sends one more byte; a closed one errors (or reads EOF).
+        for s in slow.iter_mut() {
+            if let Some(tls) = s {
+                let gone = tls.write_all(b"a").await.is_err() || {
+                    let mut b = [0u8; 64];
+                    matches!(
+                        tokio::time::timeout(Duration::from_millis(1), tls.read(&mut b)).await,
+                        Ok(Ok(0)) | Ok(Err(_)) | Ok(Ok(_))
+                    )
+                };
+                if gone {
+                    *s = None;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "slow clients were cut before header_read_timeout_ms"
+    );
+    assert!(served >= 3);
+    assert_eq!(up.requests(), served, "a slowloris head reached the app");
+}
+
+/// HTTP/2 rapid reset (open a stream, reset it at once, repeat) is bounded: the gateway
+/// answers with GOAWAY (ENHANCE_YOUR_CALM), counts it, and keeps serving others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_rapid_reset_is_bounded() {
+    let up = Upstream::start().await;
+    let gw = GatewayBuilder::new(&up.url()).start().await;
+    let tls = gw.tls_connect(Alpn::H2).await;
+    let (send, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let mut opened = 0;
+    let flood = async {
+        let mut send = send;
+        for _ in 0..5000 {
+            let Ok(ready) = send.clone().ready().await else {
+                break;
+            };
+            send = ready;
+            let req = h2_get(&gw, "/slow?ms=2000").body(()).unwrap();
+            let Ok((_resp, mut stream)) = send.send_request(req, false) else {
+                break;
+            };
+            stream.send_reset(h2::Reason::CANCEL);
+            opened += 1;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), flood)
+        .await
+        .expect("flood bounded in time");
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the flooding connection was not closed")
+        .unwrap();
+    let err = ended.expect_err("the connection should end with GOAWAY");
+    // The client may be mid-write when the gateway closes after its GOAWAY (then it sees
+    // a broken pipe first); the gateway's own count below is the reliable signal.
+    assert!(
+        err.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || err.is_io(),
+        "{err:?}"
+    );
+    assert!(opened < 5000, "all {opened} streams were accepted");
+    assert!(
+        up.requests() < 200,
+        "{} reset streams reached the app",
+        up.requests()
+    );
+    // Counted when the gateway's side of the connection ends; poll briefly.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let m = metrics_text(&gw).await;
+        let n = metric(
+            &m,
+            "onramp_gateway_protocol_errors_total",
+            &[("reason", "http2_enhance_your_calm")],
+        );
+        if n.is_some_and(|n| n >= 1.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rapid reset not counted:\n{m}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let r = gw
+        .https_client(Alpn::H2)
+        .get(gw.url("/echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
