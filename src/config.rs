@@ -351,6 +351,15 @@ pub struct ConnSettings {
     /// Lower-case `Upgrade` protocol names the app may be switched to.
     pub upgrade_protocols: Vec<String>,
     pub max_header_bytes: usize,
+    pub workers: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_delay: Duration,
+    pub shutdown_grace: Duration,
+    /// `server.proxy_protocol = "on"`.
+    pub proxy_protocol: bool,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_response_timeout: Duration,
     pub admin_max_connections: usize,
     pub admin_idle_timeout: Duration,
 }
@@ -361,23 +370,25 @@ pub struct ConnSettings {
 pub const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
 
 impl Settings {
+    // `[server]` and `[upstream]` values come from the typed `conn` settings, never
+    // from the raw `Config`.
     pub fn header_read_timeout(&self) -> Duration {
-        Duration::from_millis(self.config.server.header_read_timeout_ms)
+        self.conn.header_read_timeout
     }
     pub fn idle_timeout(&self) -> Duration {
-        Duration::from_millis(self.config.server.idle_timeout_ms)
+        self.conn.idle_timeout
     }
     pub fn shutdown_delay(&self) -> Duration {
-        Duration::from_millis(self.config.server.shutdown_delay_ms)
+        self.conn.shutdown_delay
     }
     pub fn shutdown_grace(&self) -> Duration {
-        Duration::from_millis(self.config.server.shutdown_grace_ms)
+        self.conn.shutdown_grace
     }
     pub fn upstream_connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.config.upstream.connect_timeout_ms)
+        self.conn.upstream_connect_timeout
     }
     pub fn upstream_response_timeout(&self) -> Duration {
-        Duration::from_millis(self.config.upstream.response_timeout_ms)
+        self.conn.upstream_response_timeout
     }
     pub fn cdp_timeout(&self) -> Duration {
         Duration::from_millis(self.config.cdp.timeout_ms)
@@ -749,7 +760,19 @@ impl Config {
                     "rate_limit.redis_url",
                     "TLS Redis is not supported by this build (rediss://); use redis:// over a private network or a TLS tunnel",
                 ),
-                Ok(u) if matches!(u.scheme(), "redis" | "unix" | "redis+unix") => {}
+                // The run parses the URL again with the redis crate (database number,
+                // socket path, ...): whatever it would refuse, `check` refuses now.
+                Ok(u) if matches!(u.scheme(), "redis" | "unix" | "redis+unix") => {
+                    if redis::Client::open(rl.redis_url.as_str()).is_err() {
+                        c.bad(
+                            "rate_limit.redis_url",
+                            format!(
+                                "the Redis client refuses {:?} (expected redis://host:port/db)",
+                                redact_url(&rl.redis_url)
+                            ),
+                        );
+                    }
+                }
                 _ => c.bad(
                     "rate_limit.redis_url",
                     format!(
@@ -807,6 +830,14 @@ impl Config {
                 max_connections_per_ip: self.server.max_connections_per_ip,
                 upgrade_protocols,
                 max_header_bytes: self.server.max_header_bytes,
+                workers: self.server.workers,
+                header_read_timeout: Duration::from_millis(self.server.header_read_timeout_ms),
+                idle_timeout: Duration::from_millis(self.server.idle_timeout_ms),
+                shutdown_delay: Duration::from_millis(self.server.shutdown_delay_ms),
+                shutdown_grace: Duration::from_millis(self.server.shutdown_grace_ms),
+                proxy_protocol: self.server.proxy_protocol == ProxyProtocol::On,
+                upstream_connect_timeout: Duration::from_millis(self.upstream.connect_timeout_ms),
+                upstream_response_timeout: Duration::from_millis(self.upstream.response_timeout_ms),
                 admin_max_connections: self.admin.max_connections,
                 admin_idle_timeout: Duration::from_millis(self.admin.idle_timeout_ms),
             },
@@ -892,7 +923,7 @@ mod tests {
         let s = validate(MINIMAL).expect("valid");
         assert_eq!(s.listen, "0.0.0.0:8443".parse().unwrap());
         assert_eq!(s.admin_listen, Some("127.0.0.1:9901".parse().unwrap()));
-        assert_eq!(s.config.server.max_connections, 10_000);
+        assert_eq!(s.conn.max_connections, 10_000);
         assert_eq!(s.config.rate_limit.requests_per_minute, 10);
         assert_eq!(s.config.rate_limit.burst, 5);
         assert_eq!(s.config.onramp.path, "/onramp");
@@ -1004,6 +1035,12 @@ mod tests {
         assert!(find("rate_limit.redis_url")
             .unwrap()
             .contains("TLS Redis is not supported by this build"));
+        let problems = validate(&format!(
+            "{MINIMAL}[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://:hunter2@r.example:6379/notadb\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(problems[0].key, "rate_limit.redis_url");
+        assert!(!problems[0].message.contains("hunter2"));
     }
 
     #[test]

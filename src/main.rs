@@ -86,7 +86,7 @@ fn prepare(settings: Settings) -> Result<Prepared, String> {
 
 fn run(settings: Settings) -> ExitCode {
     let _log_guard = logging::init(&settings.config.log);
-    let workers = settings.config.server.workers;
+    let workers = settings.conn.workers;
     let prepared = match prepare(settings) {
         Ok(p) => p,
         Err(e) => {

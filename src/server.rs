@@ -22,7 +22,7 @@ use crate::body::{full, ResponseBody};
 use crate::cdp::client::CdpClient;
 use crate::cdp::key::CdpKey;
 use crate::client_ip::{ClientIpPolicy, ConnInfo};
-use crate::config::{LimiterBackend, ProxyProtocol, Settings};
+use crate::config::{LimiterBackend, Settings};
 use crate::conn_limit::{ConnLease, ConnLimits};
 use crate::listener::{accept_loop, http_builder, serve_http, ConnTimeouts, Handler, HttpSettings};
 use crate::metrics::Metrics;
@@ -76,7 +76,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         rate_limit_rpm = c.rate_limit.requests_per_minute,
         rate_limit_burst = c.rate_limit.burst,
         rate_limit_backend = ?c.rate_limit.backend,
-        proxy_protocol = ?c.server.proxy_protocol,
+        proxy_protocol = settings.conn.proxy_protocol,
         trusted_proxies = settings.trusted_proxies.len(),
         cors_origins = c.cors.allowed_origins.len(),
         "starting onramp-gateway"
@@ -177,7 +177,9 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
             drain: drain.clone(),
             handshake_timeout: settings.header_read_timeout(),
             timeouts,
-            proxy_protocol: (settings.config.server.proxy_protocol == ProxyProtocol::On)
+            proxy_protocol: settings
+                .conn
+                .proxy_protocol
                 .then(|| ClientIpPolicy::new(settings.trusted_proxies.clone())),
             fallback_local: https_addr,
         });
