@@ -419,17 +419,18 @@ async fn connection_cannot_strip_gateway_headers_and_host_is_required() {
 async fn slow_upload_is_not_cut_by_the_response_timeout() {
     let up = Upstream::start().await;
     let gw = GatewayBuilder::new(&up.url())
-        .section("upstream", "response_timeout_ms = 700")
+        .section("upstream", "response_timeout_ms = 1000")
         .start()
         .await;
     let mut tls = gw.tls_connect(Alpn::Http11).await;
     tls.write_all(b"POST /hash HTTP/1.1\r\nHost: localhost\r\nContent-Length: 30\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
+    // ~1.5 s of upload, longer than the 1 s response timeout.
     for _ in 0..3 {
         tls.write_all(&[b'x'; 10]).await.unwrap();
         tls.flush().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let raw = read_to_close(&mut tls, Duration::from_secs(10)).await;
     assert_eq!(status_of(&raw), 200, "{raw}");
@@ -1140,4 +1141,44 @@ async fn http2_rapid_reset_is_bounded() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// Item 13: the HTTP/2 limits are the gateway's own, not hyper's defaults: 128
+/// concurrent streams and a 256 KiB stream window (hyper: 1 MiB, which let one slow
+/// upload park ~1.3 MiB per connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_limits_are_set_explicitly() {
+    let up = Upstream::start().await;
+    let gw = GatewayBuilder::new(&up.url()).start().await;
+    let send = h2_client(&gw).await;
+    // One exchange first, so the server's SETTINGS have been applied.
+    let req = h2_get(&gw, "/echo").body(()).unwrap();
+    assert_eq!(h2_request(&send, req).await.0, 200);
+    assert_eq!(send.current_max_send_streams(), 128);
+
+    let mut ready = send.clone().ready().await.unwrap();
+    let req = http::Request::post(format!("https://localhost:{}/hash", gw.https_addr.port()))
+        .body(())
+        .unwrap();
+    let (resp, mut stream) = ready.send_request(req, false).unwrap();
+    stream.reserve_capacity(4 << 20);
+    // Capacity is granted up to the stream window; wait until it stops growing.
+    let mut granted = 0;
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(
+        Duration::from_millis(300),
+        std::future::poll_fn(|cx| stream.poll_capacity(cx)),
+    )
+    .await
+    {
+        granted = stream.capacity();
+    }
+    assert_eq!(granted, 256 * 1024, "initial stream window");
+    stream
+        .send_data(bytes::Bytes::from_static(b"x"), true)
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
 }
