@@ -105,7 +105,7 @@ impl ConnLimits {
         &self,
         permit: OwnedSemaphorePermit,
         peer: IpAddr,
-        counted: Option<ConnectionGuard>,
+        counted: impl FnOnce() -> Option<ConnectionGuard>,
     ) -> Option<ConnLease> {
         let ip_slot = match &self.per_ip {
             None => None,
@@ -127,10 +127,19 @@ impl ConnLimits {
         Some(ConnLease {
             _permit: permit,
             _ip_slot: ip_slot,
-            _counted: counted,
+            // Only admitted connections count as accepted and active.
+            _counted: counted(),
             limits: self.open.clone(),
             next_id: self.next_id.fetch_add(1, Ordering::Relaxed),
         })
+    }
+
+    /// True when `ip` already holds its `max_connections_per_ip` connections (checked
+    /// again, atomically, by [`ConnLimits::admit`]).
+    pub fn ip_full(&self, ip: IpAddr) -> bool {
+        self.per_ip
+            .as_ref()
+            .is_some_and(|p| !p.exempt.is_trusted(ip) && self.open_from(ip) >= p.max)
     }
 
     /// Connections currently open from `ip` (for tests and diagnostics).
@@ -222,27 +231,27 @@ mod tests {
     async fn per_ip_cap_counts_until_the_lease_drops() {
         let limits = ConnLimits::new(10, 2, ClientIpPolicy::default());
         let a = limits
-            .admit(limits.acquire().await.unwrap(), ip("192.0.2.1"), None)
+            .admit(limits.acquire().await.unwrap(), ip("192.0.2.1"), || None)
             .unwrap();
         let _b = limits
             .admit(
                 limits.acquire().await.unwrap(),
                 ip("::ffff:192.0.2.1"),
-                None,
+                || None,
             )
             .unwrap();
         assert!(limits
-            .admit(limits.acquire().await.unwrap(), ip("192.0.2.1"), None)
+            .admit(limits.acquire().await.unwrap(), ip("192.0.2.1"), || None)
             .is_none());
         // Another address is not affected.
         assert!(limits
-            .admit(limits.acquire().await.unwrap(), ip("192.0.2.2"), None)
+            .admit(limits.acquire().await.unwrap(), ip("192.0.2.2"), || None)
             .is_some());
         assert_eq!(limits.open_from(ip("192.0.2.1")), 2);
         drop(a);
         assert_eq!(limits.open_from(ip("192.0.2.1")), 1);
         assert!(limits
-            .admit(limits.acquire().await.unwrap(), ip("192.0.2.1"), None)
+            .admit(limits.acquire().await.unwrap(), ip("192.0.2.1"), || None)
             .is_some());
     }
 
@@ -251,17 +260,17 @@ mod tests {
         let trusted = ClientIpPolicy::new(vec!["10.0.0.0/8".parse().unwrap()]);
         let limits = ConnLimits::new(10, 1, trusted);
         let _a = limits
-            .admit(limits.acquire().await.unwrap(), ip("10.0.0.1"), None)
+            .admit(limits.acquire().await.unwrap(), ip("10.0.0.1"), || None)
             .unwrap();
         assert!(limits
-            .admit(limits.acquire().await.unwrap(), ip("10.0.0.1"), None)
+            .admit(limits.acquire().await.unwrap(), ip("10.0.0.1"), || None)
             .is_some());
         let off = ConnLimits::new(10, 0, ClientIpPolicy::default());
         let _x = off
-            .admit(off.acquire().await.unwrap(), ip("192.0.2.1"), None)
+            .admit(off.acquire().await.unwrap(), ip("192.0.2.1"), || None)
             .unwrap();
         assert!(off
-            .admit(off.acquire().await.unwrap(), ip("192.0.2.1"), None)
+            .admit(off.acquire().await.unwrap(), ip("192.0.2.1"), || None)
             .is_some());
     }
 }

@@ -130,6 +130,10 @@ pub async fn accept_loop<F, Fut>(
                 }
             },
         };
+        if limits.ip_full(peer.ip()) {
+            refuse_per_ip(metrics.as_deref(), peer, stream);
+            continue;
+        }
         let permit = match free {
             Some(p) => p,
             None => {
@@ -148,19 +152,24 @@ pub async fn accept_loop<F, Fut>(
                 }
             }
         };
-        let counted = metrics.as_deref().map(ConnectionGuard::new);
+        let counted = || metrics.as_deref().map(ConnectionGuard::new);
         let Some(lease) = limits.admit(permit, peer.ip(), counted) else {
-            if let Some(m) = &metrics {
-                m.count_connection_refused("per_ip");
-            }
-            tracing::debug!(peer = %peer, "connection refused: server.max_connections_per_ip");
-            // Dropping the socket closes it: nothing has been read or written.
-            drop(stream);
+            refuse_per_ip(metrics.as_deref(), peer, stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
         tracker.spawn(on_connection(stream, peer, lease));
     }
+}
+
+/// Closes a connection over `max_connections_per_ip` at once: nothing has been read
+/// from or written to it.
+fn refuse_per_ip(metrics: Option<&Metrics>, peer: SocketAddr, stream: TcpStream) {
+    if let Some(m) = metrics {
+        m.count_connection_refused("per_ip");
+    }
+    tracing::debug!(peer = %peer, "connection refused: server.max_connections_per_ip");
+    drop(stream);
 }
 
 /// Serves HTTP on an established (already TLS-terminated, if any) stream until the
