@@ -288,6 +288,23 @@ async fn metrics_text(gw: &Gateway) -> String {
     gw.admin_get("/metrics").await.1
 }
 
+/// Polls `/metrics` until `name{labels}` reaches `want` (counters bumped when a
+/// connection ends may trail the client's view by a moment); panics after 3 s.
+async fn wait_metric_at_least(gw: &Gateway, name: &str, labels: &[(&str, &str)], want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let m = metrics_text(gw).await;
+        if metric(&m, name, labels).is_some_and(|n| n >= want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}{labels:?} did not reach {want}:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 
 /// Item 4: a client named by a PROXY header is the client, even inside `trusted_proxies`:
@@ -1119,21 +1136,14 @@ async fn http2_rapid_reset_is_bounded() {
         "{} reset streams reached the app",
         up.requests()
     );
-    // Counted when the gateway's side of the connection ends; poll briefly.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let m = metrics_text(&gw).await;
-        let n = metric(
-            &m,
-            "onramp_gateway_protocol_errors_total",
-            &[("reason", "http2_enhance_your_calm")],
-        );
-        if n.is_some_and(|n| n >= 1.0) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "rapid reset not counted:\n{m}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    // Counted when the gateway's side of the connection ends.
+    wait_metric_at_least(
+        &gw,
+        "onramp_gateway_protocol_errors_total",
+        &[("reason", "http2_enhance_your_calm")],
+        1.0,
+    )
+    .await;
     let r = gw
         .https_client(Alpn::H2)
         .get(gw.url("/echo"))
@@ -1181,4 +1191,76 @@ async fn http2_limits_are_set_explicitly() {
         .unwrap()
         .unwrap();
     assert_eq!(resp.status(), 200);
+}
+
+/// HTTP/2 CONTINUATION flood (a header block that never ends): the gateway closes the
+/// connection once the block outgrows `max_header_bytes`, long before the flood is
+/// over, and keeps serving others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_continuation_flood_is_bounded() {
+    let up = Upstream::start().await;
+    let gw = GatewayBuilder::new(&up.url()).start().await;
+    let tls = gw.tls_connect(Alpn::H2).await;
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+    // HPACK: :method GET, :scheme https, :path /, :authority localhost.
+    let mut first = vec![0x82, 0x87, 0x84, 0x41, 9];
+    first.extend_from_slice(b"localhost");
+    // Ten literal `x-a: vvv…` fields (~1 KiB) per CONTINUATION frame.
+    let mut block = Vec::new();
+    for _ in 0..10 {
+        block.extend_from_slice(&[0x00, 3, b'x', b'-', b'a', 100]);
+        block.extend_from_slice(&[b'v'; 100]);
+    }
+    let block_len = block.len();
+    let writer = tokio::spawn(async move {
+        let mut sent = 0usize;
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(frame(0x4, 0, 0, &[]));
+        // HEADERS with END_STREAM but without END_HEADERS, then CONTINUATION forever.
+        out.extend(frame(0x1, 0x1, 1, &first));
+        if wr.write_all(&out).await.is_err() {
+            return sent;
+        }
+        for _ in 0..4096 {
+            if wr.write_all(&frame(0x9, 0, 1, &block)).await.is_err() {
+                break;
+            }
+            sent += block.len();
+        }
+        let _ = wr.flush().await;
+        sent
+    });
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the flooding connection was not closed");
+    let sent = writer.await.unwrap();
+    assert!(
+        sent < 4096 * block_len,
+        "the whole 4 MiB header block was accepted"
+    );
+    assert_eq!(up.requests(), 0);
+    // Counted (as any HTTP/2 refusal) when the gateway's side of the connection ends.
+    wait_metric_at_least(&gw, "onramp_gateway_protocol_errors_total", &[], 1.0).await;
+    let r = gw
+        .https_client(Alpn::H2)
+        .get(gw.url("/echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }
