@@ -1,8 +1,10 @@
 //! Accepting and serving client connections.
 //!
-//! The accept loop holds a semaphore permit per open connection, so at
-//! `max_connections` further clients wait in the kernel's accept backlog instead of
-//! being accepted and starved. Each connection then gets: the TLS handshake within
+//! The accept loop gives each open connection a lease (crate::conn_limit: global and
+//! per-IP slot, gauge) that lives as long as the connection or the tunnel it becomes.
+//! At `max_connections` the keep-alive idle the longest is closed for a waiting client;
+//! with none idle, further clients wait in the kernel's accept backlog instead of being
+//! accepted and starved. Each connection then gets: the TLS handshake within
 //! `header_read_timeout_ms`, hyper's HTTP/1.1 + HTTP/2 server (with the header read
 //! timeout that cuts slowloris clients off), an idle timeout driven by real socket
 //! activity, and a graceful shutdown when the gateway drains.
@@ -85,9 +87,9 @@ pub fn http_builder(settings: &HttpSettings) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-pub const H2_STREAM_WINDOW: u32 = 256 * 1024;
-pub const H2_CONNECTION_WINDOW: u32 = 512 * 1024;
-pub const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 512 * 1024;
+const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
 
 /// Handles one request on a connection.
 pub trait Handler: Send + Sync + 'static {
@@ -183,7 +185,10 @@ fn refuse_per_ip(metrics: Option<&Metrics>, peer: SocketAddr, stream: TcpStream)
 ///   between requests, which would make every idle keep-alive close after the header
 ///   timeout instead of `idle_timeout` (and make a load balancer with a longer upstream
 ///   keep-alive race the gateway's close: intermittent 502s).
-/// - **idle** (`idle_timeout`): no bytes moving and no request in progress.
+/// - **idle** (`idle_timeout`): no bytes moving and no request in progress. A request is
+///   in progress from its head until the handler has answered *and* its body has been
+///   read to the end (full-duplex uploads stay "in progress"). On HTTP/2 only streams
+///   count: PING/SETTINGS traffic on a connection with no open stream is still idle.
 pub async fn serve_http<IO, H>(
     io: IO,
     conn: Arc<ConnInfo>,
