@@ -77,6 +77,18 @@ pub fn normalize_request<B>(req: &mut Request<B>) -> Result<(), GatewayError> {
             "HTTP/1.1 request without a Host header".into(),
         ));
     }
+    // RFC 9112 §3.2: an invalid Host is 400. It is echoed to the app (Host,
+    // X-Forwarded-Host) and compared with Origin, so only `host[:port]` passes.
+    if let Some(host) = req.headers().get(header::HOST) {
+        let valid = host
+            .to_str()
+            .ok()
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+            .is_some_and(|a| !a.as_str().contains('@') && !a.host().is_empty());
+        if !valid {
+            return Err(GatewayError::BadRequest("invalid Host header".into()));
+        }
+    }
     if let Some(authority) = req.uri().authority() {
         let authority = authority.as_str();
         match req.headers().get(header::HOST) {
@@ -454,6 +466,14 @@ mod tests {
         assert_eq!(r.headers()[header::HOST], "good.example");
         let mut r = req(Version::HTTP_10, "/", &[]);
         assert!(normalize_request(&mut r).is_ok(), "HTTP/1.0 may omit Host");
+        for bad in ["a/b", "user@host", "", "a b"] {
+            let mut r = req(Version::HTTP_11, "/", &[("host", bad)]);
+            assert!(normalize_request(&mut r).is_err(), "Host {bad:?}");
+        }
+        for good in ["app.example", "app.example:8443", "[::1]:8443", "127.0.0.1"] {
+            let mut r = req(Version::HTTP_11, "/", &[("host", good)]);
+            assert!(normalize_request(&mut r).is_ok(), "Host {good:?}");
+        }
     }
 
     #[test]
