@@ -31,7 +31,8 @@ pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The process's upstream client, built on first use. One pool for every caller: the
-/// app sees one set of keep-alive connections with one idle policy.
+/// app sees one set of keep-alive connections with one idle policy. Every caller passes
+/// the same `upstream.connect_timeout_ms` (there is one `[upstream]`); the first wins.
 pub fn shared_client(connect_timeout: Duration) -> UpstreamClient {
     static CLIENT: OnceLock<UpstreamClient> = OnceLock::new();
     CLIENT.get_or_init(|| build_client(connect_timeout)).clone()
