@@ -7,9 +7,12 @@
 //! trusted (what nginx's `real_ip_recursive on` does).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use http::HeaderMap;
 use ipnet::IpNet;
+
+use crate::conn_limit::ConnLease;
 
 /// IPv4-mapped IPv6 (`::ffff:192.0.2.1`, what a dual-stack `[::]` listener reports for
 /// IPv4 clients) becomes plain IPv4 so one client has one key and one log spelling.
@@ -20,10 +23,16 @@ pub fn normalize(ip: IpAddr) -> IpAddr {
 /// Facts about one accepted connection, shared by every request on it.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
-    /// The TCP peer (after normalisation).
+    /// The TCP peer (after normalisation), or the client a PROXY header named.
     pub peer: SocketAddr,
     /// The address the connection was accepted on.
     pub local: SocketAddr,
+    /// True when `peer` came from a PROXY protocol header: an L4 balancer writes no
+    /// `X-Forwarded-For`, so any on this connection was written by the client itself.
+    pub proxy_named: bool,
+    /// The connection's slots (limits, gauge). Whoever holds this `ConnInfo` keeps the
+    /// connection counted: the HTTP connection task, then an upgraded tunnel.
+    pub lease: Option<Arc<ConnLease>>,
 }
 
 impl ConnInfo {
@@ -31,7 +40,20 @@ impl ConnInfo {
         Self {
             peer: SocketAddr::new(normalize(peer.ip()), peer.port()),
             local,
+            proxy_named: false,
+            lease: None,
         }
+    }
+
+    /// The client address was read from a PROXY protocol header.
+    pub fn named_by_proxy_header(mut self) -> Self {
+        self.proxy_named = true;
+        self
+    }
+
+    pub fn with_lease(mut self, lease: ConnLease) -> Self {
+        self.lease = Some(Arc::new(lease));
+        self
     }
 }
 
@@ -62,7 +84,9 @@ impl ClientIpPolicy {
 
     pub fn resolve(&self, conn: &ConnInfo, headers: &HeaderMap) -> ClientIp {
         let peer = conn.peer.ip();
-        if self.trusted.is_empty() || !self.is_trusted(peer) {
+        // A PROXY header already named the client: it is the client, whatever its
+        // address, and the headers on the connection are its own (never believed).
+        if conn.proxy_named || self.trusted.is_empty() || !self.is_trusted(peer) {
             return ClientIp {
                 ip: peer,
                 peer_trusted: false,
@@ -175,6 +199,15 @@ mod tests {
         assert!(!r.peer_trusted);
         let none = ClientIpPolicy::default().resolve(&conn("203.0.113.9:1"), &xff(&["1.2.3.4"]));
         assert_eq!(none.ip, "203.0.113.9".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn proxy_named_client_inside_trusted_ranges_gets_no_xff_believed() {
+        let p = policy(&["10.0.0.0/8"]);
+        let c = conn("10.0.0.7:1").named_by_proxy_header();
+        let r = p.resolve(&c, &xff(&["6.6.6.6"]));
+        assert_eq!(r.ip, "10.0.0.7".parse::<IpAddr>().unwrap());
+        assert!(!r.peer_trusted);
     }
 
     #[test]

@@ -102,6 +102,10 @@ pub struct ServerConfig {
     pub http_listen: String,
     pub workers: usize,
     pub max_connections: usize,
+    /// 0 = off; counted at accept, before TLS; WebSocket tunnels count.
+    pub max_connections_per_ip: usize,
+    /// `Upgrade` tokens passed to the app (case-insensitive); any other: 400.
+    pub upgrade_protocols: Vec<String>,
     pub header_read_timeout_ms: u64,
     pub idle_timeout_ms: u64,
     pub max_header_bytes: usize,
@@ -118,6 +122,8 @@ impl Default for ServerConfig {
             http_listen: String::new(),
             workers: 0,
             max_connections: 10_000,
+            max_connections_per_ip: 0,
+            upgrade_protocols: vec!["websocket".into()],
             header_read_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
             max_header_bytes: 65_536,
@@ -176,12 +182,18 @@ impl Default for UpstreamConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: String,
+    /// Own limit, so client traffic (or idle keep-alives) cannot starve the probes.
+    pub max_connections: usize,
+    /// Admin connections idle longer than this are closed.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9901".into(),
+            max_connections: 64,
+            idle_timeout_ms: 5_000,
         }
     }
 }
@@ -394,26 +406,58 @@ pub struct Settings {
     pub redirect_allowlist: Vec<RedirectRule>,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
+    /// `[server]`/`[admin]` connection limits and the upgrade allowlist, typed.
+    pub conn: ConnSettings,
 }
 
+/// The connection-level settings of `[server]` and `[admin]`, validated and typed, so
+/// runtime code does not read the raw `Config` for them.
+#[derive(Debug, Clone)]
+pub struct ConnSettings {
+    pub max_connections: usize,
+    /// 0 = off.
+    pub max_connections_per_ip: usize,
+    /// Lower-case `Upgrade` protocol names the app may be switched to.
+    pub upgrade_protocols: Vec<String>,
+    pub max_header_bytes: usize,
+    pub workers: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_delay: Duration,
+    pub shutdown_grace: Duration,
+    /// `server.proxy_protocol = "on"`.
+    pub proxy_protocol: bool,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_response_timeout: Duration,
+    pub admin_max_connections: usize,
+    pub admin_idle_timeout: Duration,
+}
+
+/// The largest `max_connections` accepted: far above what one process can hold open
+/// (each connection costs tens of KiB), and far below tokio's semaphore limit, which
+/// panics at start-up when exceeded.
+pub const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
+
 impl Settings {
+    // `[server]` and `[upstream]` values come from the typed `conn` settings, never
+    // from the raw `Config`.
     pub fn header_read_timeout(&self) -> Duration {
-        Duration::from_millis(self.config.server.header_read_timeout_ms)
+        self.conn.header_read_timeout
     }
     pub fn idle_timeout(&self) -> Duration {
-        Duration::from_millis(self.config.server.idle_timeout_ms)
+        self.conn.idle_timeout
     }
     pub fn shutdown_delay(&self) -> Duration {
-        Duration::from_millis(self.config.server.shutdown_delay_ms)
+        self.conn.shutdown_delay
     }
     pub fn shutdown_grace(&self) -> Duration {
-        Duration::from_millis(self.config.server.shutdown_grace_ms)
+        self.conn.shutdown_grace
     }
     pub fn upstream_connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.config.upstream.connect_timeout_ms)
+        self.conn.upstream_connect_timeout
     }
     pub fn upstream_response_timeout(&self) -> Duration {
-        Duration::from_millis(self.config.upstream.response_timeout_ms)
+        self.conn.upstream_response_timeout
     }
     pub fn cdp_timeout(&self) -> Duration {
         Duration::from_millis(self.config.cdp.timeout_ms)
@@ -561,8 +605,34 @@ impl Config {
         let s = &self.server;
         let listen = c.socket_addr("server.listen", &s.listen);
         let http_listen = c.optional_socket_addr("server.http_listen", &s.http_listen);
-        if s.max_connections == 0 {
-            c.bad("server.max_connections", "must be greater than 0");
+        if s.max_connections == 0 || s.max_connections > MAX_CONNECTIONS_LIMIT {
+            c.bad(
+                "server.max_connections",
+                format!(
+                    "must be between 1 and {MAX_CONNECTIONS_LIMIT} (got {})",
+                    s.max_connections
+                ),
+            );
+        }
+        if s.max_connections_per_ip > MAX_CONNECTIONS_LIMIT {
+            c.bad(
+                "server.max_connections_per_ip",
+                format!(
+                    "must be between 0 (off) and {MAX_CONNECTIONS_LIMIT} (got {})",
+                    s.max_connections_per_ip
+                ),
+            );
+        }
+        let mut upgrade_protocols = Vec::new();
+        for (i, p) in s.upgrade_protocols.iter().enumerate() {
+            if is_token(p) {
+                upgrade_protocols.push(p.to_ascii_lowercase());
+            } else {
+                c.bad(
+                    &format!("server.upgrade_protocols[{i}]"),
+                    format!("not an HTTP token {p:?} (e.g. \"websocket\")"),
+                );
+            }
         }
         c.positive("server.header_read_timeout_ms", s.header_read_timeout_ms);
         c.positive("server.idle_timeout_ms", s.idle_timeout_ms);
@@ -579,6 +649,10 @@ impl Config {
         let mut trusted_proxies = Vec::new();
         for (i, cidr) in s.trusted_proxies.iter().enumerate() {
             match parse_cidr(cidr) {
+                Some(net) if net.prefix_len() == 0 => c.bad(
+                    &format!("server.trusted_proxies[{i}]"),
+                    format!("{cidr:?} trusts every address on the Internet: anyone could choose their client IP; list the balancer's ranges"),
+                ),
                 Some(net) => trusted_proxies.push(net),
                 None => c.bad(
                     &format!("server.trusted_proxies[{i}]"),
@@ -645,6 +719,10 @@ impl Config {
         );
 
         let admin_listen = c.optional_socket_addr("admin.listen", &self.admin.listen);
+        if self.admin.max_connections == 0 || self.admin.max_connections > 10_000 {
+            c.bad("admin.max_connections", "must be between 1 and 10000");
+        }
+        c.positive("admin.idle_timeout_ms", self.admin.idle_timeout_ms);
 
         let cdp_api_base = c.url("cdp.api_base", &self.cdp.api_base, true);
         let cdp_platform_base = c
@@ -812,7 +890,25 @@ impl Config {
         }
         if rl.backend == LimiterBackend::Redis {
             match url::Url::parse(&rl.redis_url) {
-                Ok(u) if matches!(u.scheme(), "redis" | "rediss" | "unix" | "redis+unix") => {}
+                // The redis crate is built without its TLS features: a rediss:// URL would
+                // pass here and fail at start-up, so `check` refuses it too.
+                Ok(u) if u.scheme() == "rediss" => c.bad(
+                    "rate_limit.redis_url",
+                    "TLS Redis is not supported by this build (rediss://); use redis:// over a private network or a TLS tunnel",
+                ),
+                // The run parses the URL again with the redis crate (database number,
+                // socket path, ...): whatever it would refuse, `check` refuses now.
+                Ok(u) if matches!(u.scheme(), "redis" | "unix" | "redis+unix") => {
+                    if redis::Client::open(rl.redis_url.as_str()).is_err() {
+                        c.bad(
+                            "rate_limit.redis_url",
+                            format!(
+                                "the Redis client refuses {:?} (expected redis://host:port/db)",
+                                redact_url(&rl.redis_url)
+                            ),
+                        );
+                    }
+                }
                 _ => c.bad(
                     "rate_limit.redis_url",
                     format!(
@@ -879,9 +975,32 @@ impl Config {
             redirect_allowlist,
             tls_cert,
             tls_key,
+            conn: ConnSettings {
+                max_connections: self.server.max_connections,
+                max_connections_per_ip: self.server.max_connections_per_ip,
+                upgrade_protocols,
+                max_header_bytes: self.server.max_header_bytes,
+                workers: self.server.workers,
+                header_read_timeout: Duration::from_millis(self.server.header_read_timeout_ms),
+                idle_timeout: Duration::from_millis(self.server.idle_timeout_ms),
+                shutdown_delay: Duration::from_millis(self.server.shutdown_delay_ms),
+                shutdown_grace: Duration::from_millis(self.server.shutdown_grace_ms),
+                proxy_protocol: self.server.proxy_protocol == ProxyProtocol::On,
+                upstream_connect_timeout: Duration::from_millis(self.upstream.connect_timeout_ms),
+                upstream_response_timeout: Duration::from_millis(self.upstream.response_timeout_ms),
+                admin_max_connections: self.admin.max_connections,
+                admin_idle_timeout: Duration::from_millis(self.admin.idle_timeout_ms),
+            },
             config: self,
         })
     }
+}
+
+/// RFC 9110 `token` (what an `Upgrade` protocol name is).
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b))
 }
 
 /// `10.0.0.0/8`, `2001:db8::/32`, or a bare address (a /32 or /128).
@@ -954,7 +1073,7 @@ mod tests {
         let s = validate(MINIMAL).expect("valid");
         assert_eq!(s.listen, "0.0.0.0:8443".parse().unwrap());
         assert_eq!(s.admin_listen, Some("127.0.0.1:9901".parse().unwrap()));
-        assert_eq!(s.config.server.max_connections, 10_000);
+        assert_eq!(s.conn.max_connections, 10_000);
         assert_eq!(s.config.rate_limit.requests_per_minute, 10);
         assert_eq!(s.config.rate_limit.burst, 5);
         assert_eq!(s.config.onramp.path, "/onramp");
@@ -1045,6 +1164,54 @@ mod tests {
         assert!(check_origin("https://app.example.com/").is_err());
         assert!(check_origin("https://*.example.com").is_err());
         assert!(check_origin("app.example.com").is_err());
+    }
+
+    #[test]
+    fn check_refuses_what_the_run_would_refuse() {
+        let problems = validate(&format!(
+            "{MINIMAL}[server]\nmax_connections = 4611686018427387904\ntrusted_proxies = [\"0.0.0.0/0\", \"::/0\"]\n\
+             [rate_limit]\nbackend = \"redis\"\nredis_url = \"rediss://r.example:6380/0\"\n"
+        ))
+        .unwrap_err();
+        let find = |k: &str| {
+            problems
+                .iter()
+                .find(|p| p.key == k)
+                .map(|p| p.message.clone())
+        };
+        assert!(find("server.max_connections").unwrap().contains("1000000"));
+        assert!(find("server.trusted_proxies[0]").is_some());
+        assert!(find("server.trusted_proxies[1]").is_some());
+        assert!(find("rate_limit.redis_url")
+            .unwrap()
+            .contains("TLS Redis is not supported by this build"));
+        let problems = validate(&format!(
+            "{MINIMAL}[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://:hunter2@r.example:6379/notadb\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(problems[0].key, "rate_limit.redis_url");
+        assert!(!problems[0].message.contains("hunter2"));
+    }
+
+    #[test]
+    fn seams_keys_have_spec_defaults() {
+        let s = validate(MINIMAL).expect("valid");
+        assert_eq!(s.conn.max_connections_per_ip, 0);
+        assert_eq!(s.conn.upgrade_protocols, vec!["websocket".to_string()]);
+        assert_eq!(s.conn.admin_max_connections, 64);
+        assert_eq!(s.conn.admin_idle_timeout, Duration::from_millis(5000));
+        let problems = validate(&format!(
+            "{MINIMAL}[server]\nupgrade_protocols = [\"web socket\"]\n[admin]\nmax_connections = 0\nidle_timeout_ms = 0\n"
+        ))
+        .unwrap_err();
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "server.upgrade_protocols[0]",
+            "admin.max_connections",
+            "admin.idle_timeout_ms",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
     }
 
     #[test]

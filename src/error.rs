@@ -23,6 +23,9 @@ pub enum GatewayError {
     UpstreamTimeout,
     #[error("request header fields too large")]
     HeadersTooLarge,
+    /// The client stopped sending its request body for `idle_timeout_ms`.
+    #[error("the request body stopped arriving")]
+    RequestTimeout,
     #[error("request body too large")]
     PayloadTooLarge,
     #[error("method not allowed")]
@@ -82,6 +85,7 @@ impl GatewayError {
             }
             UpstreamTimeout | CdpTimeout => StatusCode::GATEWAY_TIMEOUT,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -106,6 +110,7 @@ impl GatewayError {
             UpstreamUnavailable => "upstream-unavailable",
             UpstreamTimeout => "upstream-timeout",
             HeadersTooLarge => "headers-too-large",
+            RequestTimeout => "request-timeout",
             PayloadTooLarge => "payload-too-large",
             MethodNotAllowed => "method-not-allowed",
             UnsupportedMediaType => "unsupported-media-type",
@@ -141,6 +146,11 @@ impl GatewayError {
                 http::header::RETRY_AFTER,
                 retry_after_value(Duration::from_secs(1)),
             )],
+            // The rest of a stalled body may still arrive: the connection cannot be
+            // reused, so HTTP/1.1 closes it after this answer (HTTP/2 drops the field).
+            GatewayError::RequestTimeout => {
+                vec![(http::header::CONNECTION, HeaderValue::from_static("close"))]
+            }
             GatewayError::MethodNotAllowed => vec![(
                 http::header::ALLOW,
                 HeaderValue::from_static("GET, POST, OPTIONS"),

@@ -7,12 +7,15 @@
 //! - [`listener`]: accept loop, connection limits, timeouts, per-connection HTTP.
 //! - [`client_ip`]: the client IP decision (socket peer; trusted proxies).
 //! - [`routes`]: routing, access log, request metrics.
-//! - [`proxy`]: forwarding to the upstream app.
 //! - [`api`]: the JSON endpoints for browser SDKs (buy options/quote, transactions).
+//! - [`proxy`]: forwarding to the upstream app; [`forwarding`]: the header rules it and
+//!   the app-context call share; [`upstream`]: the one client to the app.
+//! - [`conn_limit`]: connection slots (global, per IP) and their one owner.
 //! - [`mint`]: the onramp/offramp routes; [`onramp`] parses and validates their input.
 //! - [`cdp`]: CDP API key, JWT, token client. [`ratelimit`]: per-IP limits.
 //! - [`admin`], [`metrics`]: health, readiness and Prometheus metrics.
-//! - [`fetch_site`]: cross-site refusal; [`ticket`]: app-signed address tickets.
+//! - [`fetch_site`]: cross-site refusal, [`gate`]: it plus CORS for every own route;
+//!   [`ticket`]: app-signed address tickets.
 //! - [`error`]: every client-facing error and its response, in one place.
 //! - [`server`]: start-up and graceful shutdown.
 
@@ -23,8 +26,10 @@ pub mod cdp;
 pub mod cli_mint;
 pub mod client_ip;
 pub mod config;
+pub mod conn_limit;
 pub mod error;
 pub mod fetch_site;
+pub mod forwarding;
 pub mod gate;
 pub mod listener;
 pub mod logging;
@@ -38,3 +43,4 @@ pub mod routes;
 pub mod server;
 pub mod ticket;
 pub mod tls;
+pub mod upstream;

@@ -1,8 +1,10 @@
 //! Accepting and serving client connections.
 //!
-//! The accept loop holds a semaphore permit per open connection, so at
-//! `max_connections` further clients wait in the kernel's accept backlog instead of
-//! being accepted and starved. Each connection then gets: the TLS handshake within
+//! The accept loop gives each open connection a lease (crate::conn_limit: global and
+//! per-IP slot, gauge) that lives as long as the connection or the tunnel it becomes.
+//! At `max_connections` the keep-alive idle the longest is closed for a waiting client;
+//! with none idle, further clients wait in the kernel's accept backlog instead of being
+//! accepted and starved. Each connection then gets: the TLS handshake within
 //! `header_read_timeout_ms`, hyper's HTTP/1.1 + HTTP/2 server (with the header read
 //! timeout that cuts slowloris clients off), an idle timeout driven by real socket
 //! activity, and a graceful shutdown when the gateway drains.
@@ -24,12 +26,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::body::ResponseBody;
 use crate::client_ip::ConnInfo;
+use crate::conn_limit::{ConnLease, ConnLimits};
+use crate::metrics::{ConnectionGuard, Metrics};
 
 /// Per-connection HTTP settings derived from `[server]`.
 #[derive(Debug, Clone)]
@@ -52,13 +55,41 @@ pub fn http_builder(settings: &HttpSettings) -> auto::Builder<TokioExecutor> {
         // minimum is 8 KiB. Smaller limits are enforced exactly per request (routes).
         .max_buf_size(settings.max_header_bytes.max(8192) + 8192)
         .keep_alive(true);
+    // HTTP/2 limits, all set here rather than left to hyper/h2 defaults, because they
+    // decide what one connection may cost and defaults change between releases:
+    // - windows: hyper's 1 MiB stream + connection windows let one client park ~1 MiB
+    //   per connection in our buffers when the app reads slowly; 256 KiB per stream and
+    //   512 KiB per connection still fill a 10 ms-RTT path at ~50 MB/s, and adaptive
+    //   windows (which would grow them again) stay off.
+    // - max_concurrent_streams 128 (nginx's default): bounds per-connection work.
+    // - max_pending_accept_reset_streams / max_local_error_reset_streams: the
+    //   "rapid reset" (CVE-2023-44487) and "made you reset" defences; a client that
+    //   resets or provokes resets faster than this gets GOAWAY(ENHANCE_YOUR_CALM).
+    // - max_header_list_size: the same head budget as HTTP/1.1; h2 also counts
+    //   CONTINUATION frames against it, which bounds a CONTINUATION flood.
+    // - max_send_buf_size 64 KiB per stream (hyper: ~400 KiB): response bytes queued
+    //   for a slow reader are bounded by flow control plus this.
     builder
         .http2()
         .timer(TokioTimer::new())
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .adaptive_window(false)
+        .max_frame_size(16_384)
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(64)
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(250);
+        .max_send_buf_size(64 * 1024)
+        // Idle HTTP/2 connections are closed by our idle timer, which counts streams,
+        // not PINGs (see Activity); no keep-alive pings of our own.
+        .keep_alive_interval(None);
     builder
 }
+
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 512 * 1024;
+const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
 
 /// Handles one request on a connection.
 pub trait Handler: Send + Sync + 'static {
@@ -71,25 +102,23 @@ pub trait Handler: Send + Sync + 'static {
 
 /// Accepts connections until `stop` fires, then returns (the listener is dropped,
 /// so new clients are refused while accepted ones drain).
+///
+/// Each accepted socket gets a [`ConnLease`] (global slot, per-IP slot, and the
+/// `connections_active` gauge when `metrics` is given) before anything is read from it:
+/// a client over its per-IP cap is closed at once, before TLS.
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
-    limit: Arc<Semaphore>,
+    limits: Arc<ConnLimits>,
+    metrics: Option<Arc<Metrics>>,
     stop: CancellationToken,
     tracker: TaskTracker,
     on_connection: F,
 ) where
-    F: Fn(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
+    F: Fn(TcpStream, SocketAddr, ConnLease) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
-        let permit = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
+        let free = limits.try_acquire();
         let (stream, peer) = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
@@ -103,9 +132,46 @@ pub async fn accept_loop<F, Fut>(
                 }
             },
         };
+        if limits.ip_full(peer.ip()) {
+            refuse_per_ip(metrics.as_deref(), peer, stream);
+            continue;
+        }
+        let permit = match free {
+            Some(p) => p,
+            None => {
+                // Every slot is taken and a client is waiting: close the keep-alive that
+                // has been idle the longest to make room (nginx reuses idle keep-alive
+                // connections the same way). With none idle, the client waits for a
+                // slot, and further clients wait in the kernel backlog.
+                limits.evict_oldest_idle();
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break,
+                    p = limits.acquire() => match p {
+                        Some(p) => p,
+                        None => break,
+                    },
+                }
+            }
+        };
+        let counted = || metrics.as_deref().map(ConnectionGuard::new);
+        let Some(lease) = limits.admit(permit, peer.ip(), counted) else {
+            refuse_per_ip(metrics.as_deref(), peer, stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        tracker.spawn(on_connection(stream, peer, permit));
+        tracker.spawn(on_connection(stream, peer, lease));
     }
+}
+
+/// Closes a connection over `max_connections_per_ip` at once: nothing has been read
+/// from or written to it.
+fn refuse_per_ip(metrics: Option<&Metrics>, peer: SocketAddr, stream: TcpStream) {
+    if let Some(m) = metrics {
+        m.count_connection_refused("per_ip");
+    }
+    tracing::debug!(peer = %peer, "connection refused: server.max_connections_per_ip");
+    drop(stream);
 }
 
 /// Serves HTTP on an established (already TLS-terminated, if any) stream until the
@@ -119,7 +185,10 @@ pub async fn accept_loop<F, Fut>(
 ///   between requests, which would make every idle keep-alive close after the header
 ///   timeout instead of `idle_timeout` (and make a load balancer with a longer upstream
 ///   keep-alive race the gateway's close: intermittent 502s).
-/// - **idle** (`idle_timeout`): no bytes moving and no request in progress.
+/// - **idle** (`idle_timeout`): no bytes moving and no request in progress. A request is
+///   in progress from its head until the handler has answered *and* its body has been
+///   read to the end (full-duplex uploads stay "in progress"). On HTTP/2 only streams
+///   count: PING/SETTINGS traffic on a connection with no open stream is still idle.
 pub async fn serve_http<IO, H>(
     io: IO,
     conn: Arc<ConnInfo>,
@@ -127,33 +196,54 @@ pub async fn serve_http<IO, H>(
     handler: Arc<H>,
     timeouts: ConnTimeouts,
     drain: CancellationToken,
+    metrics: Option<Arc<Metrics>>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
 {
     let activity = Arc::new(Activity::new());
+    // A candidate for "close the oldest idle keep-alive" while this task serves HTTP;
+    // an upgraded tunnel keeps the lease but is no longer a candidate.
+    let _registered = conn
+        .lease
+        .as_ref()
+        .map(|lease| lease.register(activity.clone()));
     let io = TokioIo::new(ActivityIo {
         inner: io,
         activity: activity.clone(),
+        seen_bytes: false,
     });
     let service_activity = activity.clone();
-    let service = service_fn(move |req: Request<Incoming>| {
+    let peer = conn.peer;
+    let service = service_fn(move |mut req: Request<Incoming>| {
         let handler = handler.clone();
         let conn = conn.clone();
-        let guard = InFlight::start(
+        let guard = Arc::new(InFlight::start(
             service_activity.clone(),
             req.version() == http::Version::HTTP_2,
-        );
+        ));
+        // The request stays in flight until its body has been read to the end, not only
+        // until the response head: whoever streams the body (the proxy) takes this hold
+        // and drops it at body EOF, so full-duplex HTTP/1.1 is never mistaken for a new,
+        // slow request head.
+        req.extensions_mut().insert(RequestHold(guard.clone()));
+        let stream = StreamOpen::new(service_activity.clone());
         async move {
             let response = handler.handle(req, conn).await;
             drop(guard);
-            Ok::<_, Infallible>(response)
+            Ok::<_, Infallible>(response.map(|body| TrackedBody {
+                inner: body,
+                open: Some(stream),
+            }))
         }
     });
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
     let drained = drain.cancelled();
     tokio::pin!(drained);
+    let evicted = activity.evict.notified();
+    tokio::pin!(evicted);
+    let mut evicting = false;
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
     // The deadline the timer is set to; None forces a re-arm (after it fired).
@@ -171,6 +261,9 @@ pub async fn serve_http<IO, H>(
             if !shutting_down && drained.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Wake::Drain);
             }
+            if !evicting && evicted.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Evict);
+            }
             let deadline = activity.deadline_ms(&timeouts);
             if armed != Some(deadline) {
                 armed = Some(deadline);
@@ -185,9 +278,25 @@ pub async fn serve_http<IO, H>(
         match wake {
             Wake::Closed(error) => {
                 if let Some(e) = error {
-                    tracing::debug!(error = %e, "connection ended with an error");
+                    match protocol_error_reason(e.as_ref()) {
+                        Some(reason) => {
+                            if let Some(m) = &metrics {
+                                m.count_protocol_error(reason);
+                            }
+                            tracing::info!(peer = %peer, reason, error = %e, "request refused at the protocol level");
+                        }
+                        None => tracing::debug!(error = %e, "connection ended with an error"),
+                    }
                 }
                 break;
+            }
+            Wake::Evict => {
+                evicting = true;
+                tracing::debug!(peer = %peer, "idle keep-alive closed to make room at max_connections");
+                if !shutting_down {
+                    shutting_down = true;
+                    connection.as_mut().graceful_shutdown();
+                }
             }
             Wake::Drain => {
                 // HTTP/1.1: close once the in-flight response is done (idle ones at
@@ -220,9 +329,46 @@ pub async fn serve_http<IO, H>(
     }
 }
 
+/// A metric label when a connection ended because the client broke the protocol
+/// (hyper answered 400/431 or sent GOAWAY itself); `None` for ordinary ends (client
+/// went away, reset, our own shutdown).
+fn protocol_error_reason(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let hyper_err = e.downcast_ref::<hyper::Error>()?;
+    if hyper_err.is_parse_too_large() {
+        return Some("http1_head_too_large");
+    }
+    if hyper_err.is_parse_version_h2() {
+        return Some("http1_unexpected_h2_preface");
+    }
+    if hyper_err.is_parse() {
+        return Some("http1_parse");
+    }
+    let mut source = std::error::Error::source(hyper_err);
+    while let Some(s) = source {
+        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            // A GOAWAY we sent because of what the client did; a remote GOAWAY or an
+            // I/O error is the client leaving, not a refusal.
+            if h2e.is_remote() || h2e.is_io() {
+                return None;
+            }
+            return match h2e.reason() {
+                Some(h2::Reason::ENHANCE_YOUR_CALM) => Some("http2_enhance_your_calm"),
+                Some(h2::Reason::FRAME_SIZE_ERROR) => Some("http2_frame_size"),
+                Some(h2::Reason::COMPRESSION_ERROR) => Some("http2_compression"),
+                Some(h2::Reason::FLOW_CONTROL_ERROR) => Some("http2_flow_control"),
+                Some(h2::Reason::NO_ERROR) | None => None,
+                Some(_) => Some("http2_protocol"),
+            };
+        }
+        source = s.source();
+    }
+    None
+}
+
 enum Wake {
     Closed(Option<Box<dyn std::error::Error + Send + Sync>>),
     Drain,
+    Evict,
     Timer,
 }
 
@@ -276,6 +422,25 @@ struct Activity {
     awaiting_head: AtomicBool,
     /// HTTP/2 has no per-request head to time (frames of many streams interleave).
     is_h2: AtomicBool,
+    /// Responses whose body has not ended yet (HTTP/2 idleness is about streams).
+    open_streams: AtomicUsize,
+    /// At least one request has been received: the connection is a keep-alive.
+    served: AtomicBool,
+    /// Set by the accept loop to close this connection if it is idle at the limit.
+    evict: tokio::sync::Notify,
+}
+
+impl crate::conn_limit::Evictable for Activity {
+    fn idle_since(&self) -> Option<u64> {
+        let idle = self.served.load(Ordering::Relaxed)
+            && self.in_flight() == 0
+            && self.open_streams.load(Ordering::Relaxed) == 0;
+        idle.then(|| self.last_ms.load(Ordering::Relaxed))
+    }
+    fn evict(&self) {
+        // notify_one keeps the wake-up if the task is not polling right now.
+        self.evict.notify_one();
+    }
 }
 
 impl Activity {
@@ -289,13 +454,35 @@ impl Activity {
             head_started_ms: AtomicU64::new(now.max(1)),
             awaiting_head: AtomicBool::new(true),
             is_h2: AtomicBool::new(false),
+            open_streams: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
+            evict: tokio::sync::Notify::new(),
         }
     }
     fn touch(&self) {
         self.last_ms.store(clock_ms(), Ordering::Relaxed);
     }
+    /// Bytes written to the client. On HTTP/2 they do not count: a connection with no
+    /// open stream is idle whatever PING/SETTINGS frames go back and forth; streams
+    /// starting and ending touch it instead (see [`InFlight`]).
+    fn bytes_written(&self) {
+        if !self.is_h2.load(Ordering::Relaxed) || self.open_streams.load(Ordering::Relaxed) > 0 {
+            self.touch();
+        }
+    }
+    /// The first bytes of a connection tell HTTP/2 (its preface) from HTTP/1.1.
+    fn first_bytes(&self, bytes: &[u8]) {
+        const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        let n = bytes.len().min(PREFACE.len());
+        if n > 0 && bytes[..n] == PREFACE[..n] {
+            self.is_h2.store(true, Ordering::Relaxed);
+        }
+    }
     fn bytes_read(&self) {
         let now = clock_ms();
+        if self.is_h2.load(Ordering::Relaxed) {
+            return;
+        }
         self.last_ms.store(now, Ordering::Relaxed);
         if self.awaiting_head.load(Ordering::Relaxed)
             && self.head_started_ms.load(Ordering::Relaxed) == 0
@@ -350,14 +537,23 @@ impl Activity {
 }
 
 /// A request being handled: its head is complete (the head timer stops) and the
-/// connection is not idle while it runs (a slow upstream is not an idle client).
+/// connection is not idle while it runs (a slow upstream is not an idle client). It
+/// ends when the handler has answered *and* the request body has been read to its end
+/// (or dropped): the last of the two holders to let go ends it.
 struct InFlight(Arc<Activity>);
+
+/// The request-body holder's share of [`InFlight`], found in the request extensions.
+/// Whoever streams the body takes it and drops it at body EOF.
+#[derive(Clone)]
+pub struct RequestHold(#[allow(dead_code)] Arc<InFlight>);
 
 impl InFlight {
     fn start(activity: Arc<Activity>, is_h2: bool) -> Self {
         if is_h2 {
             activity.is_h2.store(true, Ordering::Relaxed);
         }
+        activity.touch();
+        activity.served.store(true, Ordering::Relaxed);
         activity.awaiting_head.store(false, Ordering::Relaxed);
         activity.head_started_ms.store(0, Ordering::Relaxed);
         activity.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -373,10 +569,60 @@ impl Drop for InFlight {
     }
 }
 
+/// One response whose body is still being sent.
+struct StreamOpen(Arc<Activity>);
+
+impl StreamOpen {
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.open_streams.fetch_add(1, Ordering::Relaxed);
+        Self(activity)
+    }
+}
+
+impl Drop for StreamOpen {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that marks its stream closed at its end (or when dropped).
+    struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        open: Option<StreamOpen>,
+    }
+}
+
+impl<B: hyper::body::Body> hyper::body::Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let result = this.inner.poll_frame(cx);
+        if matches!(result, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.open.take();
+        }
+        result
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Records when bytes last moved in either direction.
 struct ActivityIo<T> {
     inner: T,
     activity: Arc<Activity>,
+    seen_bytes: bool,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
@@ -388,6 +634,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            if !self.seen_bytes {
+                self.seen_bytes = true;
+                self.activity.first_bytes(&buf.filled()[before..]);
+            }
             self.activity.bytes_read();
         }
         result
@@ -402,7 +652,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.bytes_written();
         }
         result
     }
@@ -413,7 +663,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.bytes_written();
         }
         result
     }

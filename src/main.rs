@@ -98,7 +98,7 @@ fn run(settings: Settings) -> ExitCode {
     if let Some(warning) = request_source_warning(&settings) {
         tracing::warn!("{warning}");
     }
-    let workers = settings.config.server.workers;
+    let workers = settings.conn.workers;
     let prepared = match prepare(settings) {
         Ok(p) => p,
         Err(e) => {

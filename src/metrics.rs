@@ -67,6 +67,11 @@ pub struct Metrics {
     /// `ticket_invalid`, `ticket_replayed`, `rate_limited`, `aggregate_limited`,
     /// `global_limited`, `cdp_busy`, `limiter_full`).
     pub mint_refused: Family<ReasonLabels, Counter>,
+    /// Connections or requests hyper refused at the protocol level (malformed HTTP/1.1,
+    /// HTTP/2 protocol errors): a smuggling or fuzzing campaign shows up here.
+    pub protocol_errors: Family<ReasonLabels, Counter>,
+    /// Accepted sockets closed at once by a connection limit (`per_ip`).
+    pub connections_refused: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -149,10 +154,24 @@ impl Metrics {
             "Minting requests refused before any CDP call, by reason",
             mint_refused.clone(),
         );
+        let protocol_errors = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "protocol_errors",
+            "Requests or connections refused at the HTTP protocol level, by reason",
+            protocol_errors.clone(),
+        );
+        let connections_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Accepted connections closed at once by a connection limit, by reason",
+            connections_refused.clone(),
+        );
         Self {
             registry,
             mint_refused,
             tls_cert_not_after,
+            protocol_errors,
+            connections_refused,
             requests,
             connections_active,
             connections_accepted,
@@ -189,6 +208,18 @@ impl Metrics {
             .inc();
     }
 
+    pub fn count_protocol_error(&self, reason: &'static str) {
+        self.protocol_errors
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn count_connection_refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
     /// Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
@@ -203,18 +234,21 @@ impl Metrics {
     }
 }
 
-/// Decrements `connections_active` when a connection task ends, however it ends.
-pub struct ConnectionGuard<'a>(&'a Gauge);
+/// Decrements `connections_active` when a connection ends, however it ends. Owned (the
+/// gauge is a shared handle) so it can live in a connection's lease, which a WebSocket
+/// tunnel keeps after the HTTP connection task has finished.
+#[derive(Debug)]
+pub struct ConnectionGuard(Gauge);
 
-impl<'a> ConnectionGuard<'a> {
-    pub fn new(metrics: &'a Metrics) -> Self {
+impl ConnectionGuard {
+    pub fn new(metrics: &Metrics) -> Self {
         metrics.connections_active.inc();
         metrics.connections_accepted.inc();
-        Self(&metrics.connections_active)
+        Self(metrics.connections_active.clone())
     }
 }
 
-impl Drop for ConnectionGuard<'_> {
+impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.dec();
     }
@@ -231,6 +265,7 @@ mod tests {
         m.count_mint(Route::onramp, "ok");
         m.cdp_request_duration.observe(0.1);
         m.rate_limited.inc();
+        m.count_protocol_error("http1_parse");
         let text = m.render();
         for name in [
             "onramp_gateway_requests_total{route=\"proxy\",status=\"200\"} 1",
@@ -238,6 +273,7 @@ mod tests {
             "onramp_gateway_cdp_request_duration_seconds_bucket",
             "onramp_gateway_rate_limited_total 1",
             "onramp_gateway_connections_active 0",
+            "onramp_gateway_protocol_errors_total{reason=\"http1_parse\"} 1",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }

@@ -16,11 +16,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
 use crate::body::{full, ResponseBody};
 use crate::cdp::client::{CdpClient, CdpError};
@@ -561,8 +558,11 @@ fn answer_with(
 
 /// `addresses.source = "upstream"`: asks the app who the signed-in user is.
 struct ContextClient {
-    client: Client<HttpConnector, Empty<Bytes>>,
+    /// The proxy's client: one pool and one idle policy towards the app.
+    client: crate::upstream::UpstreamClient,
     url: http::Uri,
+    /// `Host` when the browser sent none: the app's own authority.
+    fallback_host: HeaderValue,
     timeout: Duration,
 }
 
@@ -574,10 +574,7 @@ enum ContextAnswer {
 
 impl ContextClient {
     fn new(settings: &Settings) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(settings.upstream_connect_timeout()));
-        let client = Client::builder(TokioExecutor::new()).build(connector);
+        let client = crate::upstream::shared_client(settings.upstream_connect_timeout());
         let authority = settings
             .upstream
             .authority()
@@ -594,33 +591,25 @@ impl ContextClient {
         Self {
             client,
             url,
+            fallback_host: HeaderValue::from_str(&authority)
+                .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
             timeout: settings
                 .upstream_response_timeout()
                 .min(Duration::from_secs(10)),
         }
     }
 
+    /// The same forwarding rules as the proxy (crate::forwarding): joined cookies,
+    /// Host, X-Forwarded-*, X-Request-Id.
     async fn fetch(
         &self,
         browser: &HeaderMap,
         client_ip: IpAddr,
     ) -> Result<ContextAnswer, GatewayError> {
-        let mut req = Request::new(Empty::<Bytes>::new());
+        let mut req = Request::new(crate::upstream::UpstreamBody::empty());
         *req.uri_mut() = self.url.clone();
-        let h = req.headers_mut();
-        for name in [header::COOKIE, header::AUTHORIZATION, header::HOST] {
-            for v in browser.get_all(&name) {
-                h.append(name.clone(), v.clone());
-            }
-        }
-        h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-        if let Ok(v) = HeaderValue::from_str(&client_ip.to_string()) {
-            h.insert(HeaderName::from_static("x-forwarded-for"), v);
-        }
-        h.insert(
-            HeaderName::from_static("x-forwarded-proto"),
-            HeaderValue::from_static("https"),
-        );
+        *req.headers_mut() =
+            crate::forwarding::context_headers(browser, client_ip, &self.fallback_host);
 
         let response = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
             Err(_) => {

@@ -2,52 +2,40 @@
 //! `X-Forwarded-*`, WebSocket (HTTP/1.1 `Upgrade`) tunnelling, pooled keep-alive
 //! connections, and 502/504 on failure.
 
-use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio_util::task::TaskTracker;
 
-use crate::client_ip::ClientIp;
+use crate::client_ip::{ClientIp, ConnInfo};
 use crate::error::GatewayError;
+use crate::forwarding::{self, Origin};
+use crate::listener::RequestHold;
+use crate::upstream::{UploadFailure, UpstreamBody, UpstreamClient};
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-/// RFC 9110 §7.6.1 connection-specific fields (plus the de-facto `Keep-Alive` and
-/// `Proxy-Connection`). They describe one hop and must not be forwarded.
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    KEEP_ALIVE,
-    PROXY_CONNECTION,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
+/// Kept for callers that strip a response's hop-by-hop fields (the rules live in
+/// [`crate::forwarding`]).
+pub use crate::forwarding::strip_hop_by_hop;
 
 pub struct Proxy {
-    client: Client<HttpConnector, Incoming>,
+    client: UpstreamClient,
     scheme: Scheme,
     authority: Authority,
+    /// `Host` for a client that sent none (HTTP/1.0): the app's own authority.
+    fallback_host: HeaderValue,
     response_timeout: Duration,
     /// WebSocket tunnels outlive their request; tracked so shutdown can wait for them.
     tunnels: TaskTracker,
-    /// A tunnel with no bytes in either direction for this long is closed.
-    tunnel_idle_timeout: Duration,
+    /// A tunnel with no bytes in either direction for this long is closed; also the
+    /// longest pause allowed in a request body.
+    idle_timeout: Duration,
+    /// Lower-case `Upgrade` protocols the app may be switched to.
+    upgrade_protocols: Vec<String>,
 }
 
 /// A proxied response and how long the upstream took to produce its headers.
@@ -56,91 +44,115 @@ pub struct Forwarded {
     pub upstream_time: Duration,
 }
 
+/// How the proxy talks to the app.
+pub struct ProxySettings {
+    pub upstream: Uri,
+    pub response_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub upgrade_protocols: Vec<String>,
+}
+
 impl Proxy {
-    pub fn new(
-        upstream: &Uri,
-        connect_timeout: Duration,
-        response_timeout: Duration,
-        tunnel_idle_timeout: Duration,
-        tunnels: TaskTracker,
-    ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            // Below typical app servers' keep-alive (Node 5 s is the outlier, so retry
-            // on a connection it closed is left to hyper's idle detection).
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(1024)
-            .set_host(false)
-            .build(connector);
+    pub fn new(client: UpstreamClient, settings: ProxySettings, tunnels: TaskTracker) -> Self {
+        let authority = settings
+            .upstream
+            .authority()
+            .cloned()
+            .unwrap_or_else(|| Authority::from_static("127.0.0.1:3000"));
         Self {
             client,
-            scheme: upstream.scheme().cloned().unwrap_or(Scheme::HTTP),
-            authority: upstream
-                .authority()
-                .cloned()
-                .unwrap_or_else(|| Authority::from_static("127.0.0.1:3000")),
-            response_timeout,
+            scheme: settings.upstream.scheme().cloned().unwrap_or(Scheme::HTTP),
+            fallback_host: HeaderValue::from_str(authority.as_str())
+                .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
+            authority,
+            response_timeout: settings.response_timeout,
             tunnels,
-            tunnel_idle_timeout,
+            idle_timeout: settings.idle_timeout,
+            upgrade_protocols: settings.upgrade_protocols,
         }
     }
 
+    /// Forwards a request already checked by [`forwarding::normalize_request`].
     pub async fn forward(
         &self,
         mut req: Request<Incoming>,
         client: ClientIp,
-        peer: IpAddr,
+        conn: &Arc<ConnInfo>,
     ) -> Result<Forwarded, GatewayError> {
-        let upgrade = requested_upgrade(&req);
-        let original_host = original_host(&req);
+        let upgrade = forwarding::requested_upgrade(&req, &self.upgrade_protocols)?;
+        let origin = Origin::of(req.headers(), client, conn.peer.ip());
+        // hyper keeps the pending client upgrade in the request; take it before the
+        // request is rebuilt for the upstream.
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
 
+        let (mut parts, body) = req.into_parts();
         // Rewrite the target to the upstream, keeping path and query byte for byte.
-        let path_and_query = req
-            .uri()
+        let path_and_query = parts
+            .uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(path_and_query);
-        *req.uri_mut() = Uri::from_parts(parts)
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(self.scheme.clone());
+        uri.authority = Some(self.authority.clone());
+        uri.path_and_query = Some(path_and_query);
+        parts.uri = Uri::from_parts(uri)
             .map_err(|_| GatewayError::BadRequest("invalid request target".into()))?;
         // HTTP/2 clients reach an HTTP/1.1 upstream.
-        *req.version_mut() = Version::HTTP_11;
+        parts.version = Version::HTTP_11;
+        forwarding::upstream_headers(&mut parts.headers, &origin, &self.fallback_host);
 
-        let headers = req.headers_mut();
-        strip_hop_by_hop(headers);
-        set_forwarding_headers(headers, client, peer, original_host.as_ref());
-        if let Some(host) = original_host {
-            // HTTP/2 requests carry :authority instead of Host; the app sees a Host either way.
-            headers.entry(header::HOST).or_insert(host);
+        // The body carries the connection's in-flight hold until its EOF.
+        let hold = parts.extensions.remove::<RequestHold>();
+        if let Some(proto) = &upgrade {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, proto.clone());
         }
-        let client_upgrade = if let Some(proto) = &upgrade {
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(header::UPGRADE, proto.clone());
-            Some(hyper::upgrade::on(&mut req))
-        } else {
-            None
-        };
+        let body = UpstreamBody::streamed(body, self.idle_timeout, hold);
+        let upload = body.state();
+        let req = Request::from_parts(parts, body);
 
         let started = Instant::now();
-        let result = tokio::time::timeout(self.response_timeout, self.client.request(req)).await;
+        // The response timeout runs from the end of the upload, not its start: a slow
+        // upload is bounded by the idle timeout (UpstreamBody), a slow app by this.
+        let response_deadline = {
+            let upload = upload.clone();
+            let timeout = self.response_timeout;
+            async move {
+                upload.sent().await;
+                tokio::time::sleep(timeout).await;
+            }
+        };
+        let result = tokio::select! {
+            r = self.client.request(req) => Some(r),
+            _ = response_deadline => None,
+        };
         let upstream_time = started.elapsed();
         let mut response = match result {
-            Err(_) => return Err(GatewayError::UpstreamTimeout),
-            Ok(Err(e)) => return Err(classify(&e)),
-            Ok(Ok(r)) => r,
+            None => return Err(GatewayError::UpstreamTimeout),
+            Some(Err(e)) => {
+                return Err(match upload.failure() {
+                    Some(UploadFailure::Stalled) => GatewayError::RequestTimeout,
+                    Some(UploadFailure::Malformed) => {
+                        GatewayError::BadRequest("malformed request body".into())
+                    }
+                    None => classify(&e),
+                })
+            }
+            Some(Ok(r)) => r,
         };
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
-                let idle = self.tunnel_idle_timeout;
+                let idle = self.idle_timeout;
+                // The tunnel holds the connection's lease: it keeps its max_connections
+                // and per-IP slots, and stays in connections_active, until it closes.
+                let conn = conn.clone();
                 self.tunnels.spawn(async move {
+                    let _lease = conn;
                     match tokio::try_join!(client_upgrade, upstream_upgrade) {
                         Ok((client_io, upstream_io)) => {
                             tunnel(TokioIo::new(client_io), TokioIo::new(upstream_io), idle).await;
@@ -222,149 +234,4 @@ fn classify(e: &hyper_util::client::legacy::Error) -> GatewayError {
     }
     tracing::debug!(error = %e, connect = e.is_connect(), "upstream request failed");
     GatewayError::UpstreamUnavailable
-}
-
-/// The protocol a client asks to switch to (HTTP/1.1 only: `Connection: upgrade` +
-/// `Upgrade`). HTTP/2 has no `Upgrade`; extended CONNECT is not supported.
-fn requested_upgrade<B>(req: &Request<B>) -> Option<HeaderValue> {
-    if req.version() != Version::HTTP_11 {
-        return None;
-    }
-    let wants = connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"));
-    if wants {
-        req.headers().get(header::UPGRADE).cloned()
-    } else {
-        None
-    }
-}
-
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-}
-
-/// Removes hop-by-hop fields, including any the sender named in `Connection`.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP.iter() {
-        headers.remove(name);
-    }
-}
-
-/// The Host the client addressed: `Host` (HTTP/1.1) or `:authority` (HTTP/2).
-fn original_host<B>(req: &Request<B>) -> Option<HeaderValue> {
-    if let Some(h) = req.headers().get(header::HOST) {
-        return Some(h.clone());
-    }
-    req.uri()
-        .authority()
-        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-}
-
-/// `X-Forwarded-For`, `-Proto`, `-Host`. Client-sent forwarding headers are dropped,
-/// unless the peer is a trusted proxy, whose `X-Forwarded-For` chain is kept and
-/// extended with the peer (what nginx's `$proxy_add_x_forwarded_for` does).
-fn set_forwarding_headers(
-    headers: &mut HeaderMap,
-    client: ClientIp,
-    peer: IpAddr,
-    host: Option<&HeaderValue>,
-) {
-    headers.remove(X_REAL_IP);
-    headers.remove(FORWARDED);
-    headers.remove(X_FORWARDED_PROTO);
-    headers.remove(X_FORWARDED_HOST);
-    let xff = if client.peer_trusted {
-        // Keep the chain the trusted proxy built and add the hop we received it from.
-        let mut chain: Vec<&str> = headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .collect();
-        let peer = peer.to_string();
-        chain.push(&peer);
-        HeaderValue::from_str(&chain.join(", ")).unwrap_or_else(|_| ip_value(client.ip))
-    } else {
-        ip_value(client.ip)
-    };
-    headers.remove(&X_FORWARDED_FOR);
-    headers.insert(X_FORWARDED_FOR, xff);
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-    if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST, host.clone());
-    }
-}
-
-fn ip_value(ip: IpAddr) -> HeaderValue {
-    // An IP address is always a valid header value.
-    HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_and_connection_named_headers_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            "keep-alive, X-Secret-Hop".parse().unwrap(),
-        );
-        h.insert("x-secret-hop", "1".parse().unwrap());
-        h.insert("keep-alive", "timeout=5".parse().unwrap());
-        h.insert(header::TE, "trailers".parse().unwrap());
-        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
-        h.insert("x-end-to-end", "1".parse().unwrap());
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1, "{h:?}");
-        assert!(h.contains_key("x-end-to-end"));
-    }
-
-    #[test]
-    fn spoofed_forwarding_headers_are_replaced() {
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
-        h.insert("x-real-ip", "6.6.6.6".parse().unwrap());
-        h.insert("forwarded", "for=6.6.6.6".parse().unwrap());
-        let client = ClientIp {
-            ip: "203.0.113.5".parse().unwrap(),
-            peer_trusted: false,
-        };
-        set_forwarding_headers(
-            &mut h,
-            client,
-            client.ip,
-            Some(&HeaderValue::from_static("app.example")),
-        );
-        assert_eq!(h["x-forwarded-for"], "203.0.113.5");
-        assert_eq!(h["x-forwarded-proto"], "https");
-        assert_eq!(h["x-forwarded-host"], "app.example");
-        assert!(!h.contains_key("x-real-ip") && !h.contains_key("forwarded"));
-    }
-
-    #[test]
-    fn trusted_peer_chain_is_extended() {
-        let mut h = HeaderMap::new();
-        h.append("x-forwarded-for", "198.51.100.1".parse().unwrap());
-        h.append("x-forwarded-for", "10.0.0.9".parse().unwrap());
-        let client = ClientIp {
-            ip: "198.51.100.1".parse().unwrap(),
-            peer_trusted: true,
-        };
-        set_forwarding_headers(&mut h, client, "10.0.0.2".parse().unwrap(), None);
-        assert_eq!(h["x-forwarded-for"], "198.51.100.1, 10.0.0.9, 10.0.0.2");
-    }
 }

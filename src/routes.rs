@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
@@ -14,6 +14,7 @@ use crate::body::{self, ResponseBody};
 use crate::client_ip::{ClientIp, ClientIpPolicy, ConnInfo};
 use crate::config::Settings;
 use crate::error::GatewayError;
+use crate::forwarding;
 use crate::listener::Handler;
 use crate::metrics::{Metrics, Route};
 use crate::mint::Minter;
@@ -48,7 +49,7 @@ impl App {
             api_prefix: settings.config.api.prefix.clone(),
             onramp_path: settings.config.onramp.path.clone(),
             offramp_path: settings.config.offramp.path.clone(),
-            max_header_bytes: settings.config.server.max_header_bytes,
+            max_header_bytes: settings.conn.max_header_bytes,
         }
     }
 
@@ -69,7 +70,7 @@ impl App {
         req: Request<Incoming>,
         route: Route,
         client: ClientIp,
-        conn: &ConnInfo,
+        conn: &Arc<ConnInfo>,
     ) -> Response<ResponseBody> {
         if header_bytes(&req) > self.max_header_bytes {
             return GatewayError::HeadersTooLarge.into_response(req.headers());
@@ -78,7 +79,7 @@ impl App {
             Route::proxy => {
                 // Only what error rendering needs: no copy of the whole header map per request.
                 let json = crate::error::wants_json(req.headers());
-                match self.proxy.forward(req, client, conn.peer.ip()).await {
+                match self.proxy.forward(req, client, conn).await {
                     Ok(forwarded) => {
                         self.metrics
                             .upstream_request_duration
@@ -118,7 +119,11 @@ impl Handler for App {
         let request_id = request_id(req.headers(), client.peer_trusted);
         // The app sees the same id as our access log (and the client, in the answer).
         req.headers_mut().insert(X_REQUEST_ID, request_id.clone());
-        let mut response = self.dispatch(req, route, client, &conn).await;
+        // One view of the request head for every route (Host, cookies, target).
+        let mut response = match forwarding::normalize_request(&mut req) {
+            Ok(()) => self.dispatch(req, route, client, &conn).await,
+            Err(e) => e.into_response(req.headers()),
+        };
         response
             .headers_mut()
             .insert(X_REQUEST_ID, request_id.clone());
@@ -139,7 +144,7 @@ impl Handler for App {
     }
 }
 
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+use crate::forwarding::X_REQUEST_ID;
 
 /// The request id: the one a trusted proxy already assigned (if well-formed), else a
 /// fresh random 128-bit hex id. A client-chosen id from an untrusted peer is replaced,

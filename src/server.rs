@@ -13,7 +13,6 @@ use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,11 +23,12 @@ use crate::body::{full, ResponseBody};
 use crate::cdp::client::CdpClient;
 use crate::cdp::key::CdpKey;
 use crate::client_ip::{ClientIpPolicy, ConnInfo};
-use crate::config::{LimiterBackend, ProxyProtocol, Settings};
+use crate::config::{LimiterBackend, Settings};
+use crate::conn_limit::{ConnLease, ConnLimits};
 use crate::listener::{accept_loop, http_builder, serve_http, ConnTimeouts, Handler, HttpSettings};
-use crate::metrics::{ConnectionGuard, Metrics};
+use crate::metrics::Metrics;
 use crate::mint::Minter;
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, ProxySettings};
 use crate::proxy_protocol;
 use crate::ratelimit::{LayeredMemory, Layers, Policy, RateLimiter, RedisLimiter};
 use crate::routes::App;
@@ -84,7 +84,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         rate_limit_rpm = c.rate_limit.requests_per_minute,
         rate_limit_burst = c.rate_limit.burst,
         rate_limit_backend = ?c.rate_limit.backend,
-        proxy_protocol = ?c.server.proxy_protocol,
+        proxy_protocol = settings.conn.proxy_protocol,
         trusted_proxies = settings.trusted_proxies.len(),
         cors_origins = c.cors.allowed_origins.len(),
         "starting onramp-gateway"
@@ -121,11 +121,16 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         );
     }
 
+    // One upstream pool for the proxy and the minting routes' app-context call.
+    let upstream = crate::upstream::shared_client(settings.upstream_connect_timeout());
     let proxy = Proxy::new(
-        &settings.upstream,
-        settings.upstream_connect_timeout(),
-        settings.upstream_response_timeout(),
-        settings.idle_timeout(),
+        upstream,
+        ProxySettings {
+            upstream: settings.upstream.clone(),
+            response_timeout: settings.upstream_response_timeout(),
+            idle_timeout: settings.idle_timeout(),
+            upgrade_protocols: settings.conn.upgrade_protocols.clone(),
+        },
         connections.clone(),
     );
     let minter = match cdp_key {
@@ -175,11 +180,16 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     let http_settings = HttpSettings {
         header_read_timeout: settings.header_read_timeout(),
         idle_timeout: settings.idle_timeout(),
-        max_header_bytes: settings.config.server.max_header_bytes,
+        max_header_bytes: settings.conn.max_header_bytes,
     };
     let builder = Arc::new(http_builder(&http_settings));
     let timeouts = ConnTimeouts::new(settings.header_read_timeout(), settings.idle_timeout());
-    let limit = Arc::new(Semaphore::new(settings.config.server.max_connections));
+    // One set of slots for client traffic (HTTPS and the redirect listener).
+    let limits = Arc::new(ConnLimits::new(
+        settings.conn.max_connections,
+        settings.conn.max_connections_per_ip,
+        ClientIpPolicy::new(settings.trusted_proxies.clone()),
+    ));
     let acceptor = TlsAcceptor::from(tls::server_config(certs.clone())?);
     {
         let metrics = metrics.clone();
@@ -201,16 +211,19 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
             drain: drain.clone(),
             handshake_timeout: settings.header_read_timeout(),
             timeouts,
-            proxy_protocol: (settings.config.server.proxy_protocol == ProxyProtocol::On)
+            proxy_protocol: settings
+                .conn
+                .proxy_protocol
                 .then(|| ClientIpPolicy::new(settings.trusted_proxies.clone())),
             fallback_local: https_addr,
         });
         accepting.spawn(accept_loop(
             https,
-            limit.clone(),
+            limits.clone(),
+            Some(metrics.clone()),
             stop_accepting.clone(),
             connections.clone(),
-            move |stream, peer, permit| frontend.clone().serve(stream, peer, permit),
+            move |stream, peer, lease| frontend.clone().serve(stream, peer, lease),
         ));
     }
     if let Some(listener) = http {
@@ -220,14 +233,15 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         let (builder, metrics, drain) = (builder.clone(), metrics.clone(), drain.clone());
         accepting.spawn(accept_loop(
             listener,
-            limit.clone(),
+            limits.clone(),
+            Some(metrics.clone()),
             stop_accepting.clone(),
             connections.clone(),
-            move |stream, peer, permit| {
+            move |stream, peer, lease| {
                 serve_plain(
                     stream,
                     peer,
-                    permit,
+                    lease,
                     builder.clone(),
                     redirect.clone(),
                     timeouts,
@@ -246,20 +260,31 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
             readiness: readiness.clone(),
         });
         let (builder, stop) = (builder.clone(), admin_stop.clone());
+        // Its own slots and a short idle timeout: idle keep-alives (or a scraper that
+        // leaks connections) must not block the kubelet's probes.
+        let admin_limits = Arc::new(ConnLimits::new(
+            settings.conn.admin_max_connections,
+            0,
+            ClientIpPolicy::default(),
+        ));
+        let admin_idle = settings.conn.admin_idle_timeout;
+        let admin_timeouts =
+            ConnTimeouts::new(settings.header_read_timeout().min(admin_idle), admin_idle);
         admin_tasks.spawn(accept_loop(
             listener,
-            Arc::new(Semaphore::new(64)),
+            admin_limits,
+            // Not counted in connections_active: that gauge is about client traffic.
+            None,
             admin_stop.clone(),
             admin_tasks.clone(),
-            // Not counted in connections_active: that gauge is about client traffic.
-            move |stream, peer, permit| {
+            move |stream, peer, lease| {
                 serve_plain(
                     stream,
                     peer,
-                    permit,
+                    lease,
                     builder.clone(),
                     handler.clone(),
-                    timeouts,
+                    admin_timeouts,
                     stop.clone(),
                     None,
                 )
@@ -447,18 +472,16 @@ async fn wait_for_shutdown_signal(certs: &CertStore) -> Result<(), StartError> {
 async fn serve_plain<H: Handler>(
     stream: TcpStream,
     peer: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    lease: ConnLease,
     builder: Arc<auto::Builder<TokioExecutor>>,
     handler: Arc<H>,
     timeouts: ConnTimeouts,
     drain: CancellationToken,
     metrics: Option<Arc<Metrics>>,
 ) {
-    let _permit = permit;
-    let _counted = metrics.as_deref().map(ConnectionGuard::new);
     let local = stream.local_addr().unwrap_or(peer);
-    let conn = Arc::new(ConnInfo::new(peer, local));
-    serve_http(stream, conn, builder, handler, timeouts, drain).await;
+    let conn = Arc::new(ConnInfo::new(peer, local).with_lease(lease));
+    serve_http(stream, conn, builder, handler, timeouts, drain, metrics).await;
 }
 
 /// The HTTPS listener's per-connection work: optional PROXY header, TLS handshake
@@ -477,24 +500,19 @@ struct TlsFrontend {
 }
 
 impl TlsFrontend {
-    async fn serve(
-        self: Arc<Self>,
-        stream: TcpStream,
-        peer: SocketAddr,
-        permit: OwnedSemaphorePermit,
-    ) {
-        let _permit = permit;
-        let _counted = ConnectionGuard::new(&self.metrics);
+    async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, lease: ConnLease) {
         let local = stream.local_addr().unwrap_or(self.fallback_local);
         match &self.proxy_protocol {
             None => {
-                self.handshake_and_serve(stream, ConnInfo::new(peer, local))
+                self.handshake_and_serve(stream, ConnInfo::new(peer, local).with_lease(lease))
                     .await
             }
             Some(policy) => match proxy_protocol::accept(stream, peer, policy).await {
                 Ok((stream, client)) => {
-                    self.handshake_and_serve(stream, ConnInfo::new(client, local))
-                        .await
+                    let conn = ConnInfo::new(client, local)
+                        .named_by_proxy_header()
+                        .with_lease(lease);
+                    self.handshake_and_serve(stream, conn).await
                 }
                 Err(e) => {
                     self.metrics.count_handshake_failure(e.reason());
@@ -530,6 +548,7 @@ impl TlsFrontend {
             self.app.clone(),
             self.timeouts,
             self.drain.clone(),
+            Some(self.metrics.clone()),
         )
         .await;
     }

@@ -780,3 +780,102 @@ fn systemd_unit_runs_the_example_config_and_it_passes_check() {
         assert_eq!(unit_value(&entries, "CapabilityBoundingSet"), Some(""));
     }
 }
+
+/// The NetworkPolicy admits HTTPS from anywhere, the admin port only from listed sources,
+/// and nothing else (so the app port is closed to the cluster), for the gateway's pods.
+#[test]
+fn network_policy_admits_https_from_anywhere_and_admin_only_from_node_and_prometheus() {
+    let k = Kustomize::load();
+    let policy = k.one("NetworkPolicy").clone();
+    let k8s = K8s::load();
+    let gw = k8s.gateway();
+    let https = named_ports(gw)["https"];
+    let admin = named_ports(gw)["admin"];
+
+    let labels = &k8s.deployment["spec"]["template"]["metadata"]["labels"];
+    for (key, v) in policy["spec"]["podSelector"]["matchLabels"]
+        .as_object()
+        .expect("podSelector.matchLabels")
+    {
+        assert_eq!(
+            &labels[key], v,
+            "NetworkPolicy selector {key} vs pod labels"
+        );
+    }
+    let types = policy["spec"]["policyTypes"]
+        .as_array()
+        .expect("policyTypes");
+    assert!(types.iter().any(|t| t == "Ingress"), "{types:?}");
+
+    let rules = policy["spec"]["ingress"].as_array().expect("ingress rules");
+    let mut https_from_anywhere = false;
+    let mut admin_rules = 0;
+    for rule in rules {
+        let ports: Vec<u16> = rule["ports"]
+            .as_array()
+            .expect("every rule names its ports (a rule without ports admits all)")
+            .iter()
+            .map(|p| resolve_port(gw, &p["port"]))
+            .collect();
+        let anywhere = rule.get("from").is_none_or(|f| f.is_null());
+        for port in &ports {
+            assert!(
+                *port == https || *port == admin,
+                "the policy admits port {port}, which is neither https nor admin"
+            );
+        }
+        if ports.contains(&admin) {
+            admin_rules += 1;
+            assert!(!anywhere, "the admin port must not be open to everyone");
+            let from = rule["from"].as_array().expect("admin rule sources");
+            assert!(
+                from.iter().any(|f| f.get("ipBlock").is_some()),
+                "admin: the nodes (kubelet probes) must be admitted: {from:?}"
+            );
+            assert!(
+                from.iter().any(|f| f.get("podSelector").is_some()),
+                "admin: Prometheus must be admitted: {from:?}"
+            );
+            for f in from {
+                if let Some(cidr) = f["ipBlock"]["cidr"].as_str() {
+                    assert!(
+                        !cidr.ends_with("/0"),
+                        "admin must not be admitted from {cidr}"
+                    );
+                }
+            }
+        }
+        if ports.contains(&https) && anywhere {
+            https_from_anywhere = true;
+        }
+    }
+    assert!(https_from_anywhere, "HTTPS must be admitted from anywhere");
+    assert_eq!(admin_rules, 1);
+}
+
+/// `server.max_connections` fits the gateway container's memory limit at the worst
+/// per-connection cost stated in README.md (56 KiB), with half the limit left over.
+#[test]
+fn max_connections_fits_the_memory_limit() {
+    let k8s = K8s::load();
+    let limit = k8s.gateway()["resources"]["limits"]["memory"]
+        .as_str()
+        .expect("gateway memory limit");
+    let bytes: u64 = if let Some(mi) = limit.strip_suffix("Mi") {
+        mi.parse::<u64>().unwrap() << 20
+    } else if let Some(gi) = limit.strip_suffix("Gi") {
+        gi.parse::<u64>().unwrap() << 30
+    } else {
+        panic!("unexpected memory limit {limit}")
+    };
+    let max = k8s.cfg_u64("server", "max_connections", 10_000);
+    assert!(
+        max * 56 * 1024 <= bytes / 2,
+        "max_connections = {max} x 56 KiB exceeds half of the {limit} memory limit"
+    );
+    let per_ip = k8s.cfg_u64("server", "max_connections_per_ip", 0);
+    assert!(
+        per_ip > 0 && per_ip < max,
+        "one IP must not take every slot"
+    );
+}

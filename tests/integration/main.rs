@@ -11,6 +11,7 @@ mod mint_trust;
 mod minting;
 mod operations;
 mod proxy;
+mod seams;
 mod startup;
 mod tls_listener;
 mod v2_flows;
