@@ -1482,8 +1482,9 @@ mod tests {
         .unwrap();
         assert_eq!(a.status, 404);
         let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        // Routes are method + path, as in the real API: GET on the token path is unknown.
         let resp = client.get(fake.token_url().parse().unwrap()).await.unwrap();
-        assert_eq!(resp.status(), 405);
+        assert_eq!(resp.status(), 404);
         assert_eq!(fake.count(), 2);
         assert_eq!(fake.failures().len(), 2);
     }
