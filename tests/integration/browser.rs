@@ -58,6 +58,14 @@ struct HtmlServer {
 
 impl HtmlServer {
     async fn start(page: fn(&Request<Incoming>) -> (StatusCode, String)) -> HtmlServer {
+        Self::start_with(page, None).await
+    }
+
+    /// Like [`start`](Self::start), over TLS with `tls` (HTTP/1.1).
+    async fn start_with(
+        page: fn(&Request<Incoming>) -> (StatusCode, String),
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> HtmlServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -68,6 +76,7 @@ impl HtmlServer {
                     continue;
                 };
                 let log = log.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let log = log.clone();
@@ -90,9 +99,17 @@ impl HtmlServer {
                             Ok::<_, Infallible>(resp)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -150,7 +167,11 @@ fn other_site_page(req: &Request<Incoming>) -> (StatusCode, String) {
 
 /// Stands in for pay.coinbase.com: shows the query it was opened with.
 fn standin_page(req: &Request<Incoming>) -> (StatusCode, String) {
-    if req.uri().path() != STANDIN_PATH {
+    standin_page_at(req, STANDIN_PATH)
+}
+
+fn standin_page_at(req: &Request<Incoming>, path: &str) -> (StatusCode, String) {
+    if req.uri().path() != path {
         return (StatusCode::NOT_FOUND, "<h1>not found</h1>".into());
     }
     let params: Vec<(String, String)> =
@@ -452,4 +473,145 @@ async fn run(tools: crate::common::browser::Tools) {
         started.elapsed(),
         path.display()
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// The fund page (examples/fund-page): <Fund>-shaped calls to the [api] endpoints
+
+const FUND_PAGE: &str = include_str!("../../examples/fund-page/index.html");
+
+/// The app serves the example page at `/`.
+fn fund_app_page(req: &Request<Incoming>) -> (StatusCode, String) {
+    if req.uri().path() == "/" {
+        (StatusCode::OK, FUND_PAGE.to_string())
+    } else {
+        (StatusCode::NOT_FOUND, "<h1>not found</h1>".into())
+    }
+}
+
+/// A TLS acceptor presenting the gateway's own test leaf: Chromium accepts it for any
+/// host name only because its key is the pinned one.
+fn standin_tls(pki: &crate::common::certs::TestPki) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pki.cert_path)
+        .expect("cert pem")
+        .collect::<Result<_, _>>()
+        .expect("certs");
+    let key = PrivateKeyDer::from_pem_file(&pki.key_path).expect("key pem");
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("stand-in TLS config");
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_buys_through_the_fund_page() {
+    let Some(tools) = tools_or_skip("browser::chromium_buys_through_the_fund_page") else {
+        return;
+    };
+    tokio::time::timeout(TEST_TIMEOUT, run_fund_page(tools))
+        .await
+        .unwrap_or_else(|_| panic!("fund page test did not finish within {TEST_TIMEOUT:?}"));
+}
+
+async fn run_fund_page(tools: crate::common::browser::Tools) {
+    crate::common::certs::install_provider();
+    let app = HtmlServer::start(fund_app_page).await;
+    let key = TestKey::es256_sec1();
+    let fake = FakeCdp::start(&key);
+    let mut builder = GatewayBuilder::new(&format!("http://{}", app.addr))
+        .section("cdp", &format!("api_base = \"{}\"", fake.api_base()))
+        .section("onramp", "blockchains = [\"base\"]");
+    for (k, v) in key.env() {
+        builder = builder.env(&k, &v);
+    }
+    let gateway = builder.start().await;
+    // Coinbase's host, resolved by Chromium to a loopback TLS stand-in.
+    let standin = HtmlServer::start_with(
+        |req| standin_page_at(req, "/buy"),
+        Some(standin_tls(&gateway.config.pki)),
+    )
+    .await;
+    let trust = CertTrust::pin_leaf_of(&gateway.config.pki);
+    let rules = format!(
+        "--host-resolver-rules=MAP pay.coinbase.com 127.0.0.1:{}",
+        standin.addr.port()
+    );
+    let browser = Browser::launch_with(&tools, trust, &[rules]).await;
+    let c = browser.client();
+
+    browser
+        .step("open the fund page", STEP, c.goto(&gateway.url("/")))
+        .await;
+    // Options loaded (the asset list) and a probe quote shown.
+    let quote = browser
+        .step("wait for the quote", STEP, async {
+            let el = c
+                .wait()
+                .at_most(STEP)
+                .for_element(Locator::Css("#quote"))
+                .await?;
+            let deadline = Instant::now() + STEP;
+            loop {
+                let text = el.text().await?;
+                if text.starts_with("You pay") || Instant::now() > deadline {
+                    return Ok::<_, fantoccini::error::CmdError>(text);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+    assert_eq!(
+        quote, "You pay 101.50 USD for 99.80 USDC",
+        "page shows the quote"
+    );
+    let calls = |path: &str| {
+        fake.requests()
+            .iter()
+            .filter(|r| r.path.starts_with(path))
+            .count()
+    };
+    assert_eq!(calls("/onramp/v1/buy/options"), 1);
+    assert_eq!(calls("/onramp/v1/buy/quote"), 1, "the probe");
+    assert!(fake.tokens().is_empty(), "a probe mints nothing");
+
+    let wallet = browser
+        .step("find the wallet field", STEP, c.find(Locator::Id("wallet")))
+        .await;
+    browser
+        .step("type the wallet", STEP, wallet.send_keys(ADDRESS))
+        .await;
+    let buy = browser
+        .step("find Buy", STEP, c.find(Locator::Id("buy")))
+        .await;
+    browser.step("click Buy", STEP, buy.click()).await;
+    browser
+        .step(
+            "land on the Coinbase stand-in",
+            STEP,
+            c.wait().at_most(STEP).for_element(Locator::Css("#standin")),
+        )
+        .await;
+    let url = browser.step("current URL", STEP, c.current_url()).await;
+    assert_eq!(url.host_str(), Some("pay.coinbase.com"), "{url}");
+    let tokens = fake.tokens();
+    assert_eq!(tokens.len(), 1, "{:#?}", fake.requests());
+    let token = url
+        .query_pairs()
+        .find(|(k, _)| k == "sessionToken")
+        .map(|(_, v)| v.into_owned());
+    assert_eq!(token.as_deref(), Some(tokens[0].as_str()), "{url}");
+    let minted = fake
+        .requests()
+        .into_iter()
+        .find(|r| r.body.get("destination_address").is_some())
+        .expect("the addressed quote");
+    assert_eq!(minted.body["destination_address"], ADDRESS);
+    fake.assert_all_verified();
+
+    let png = browser.step("screenshot", STEP, c.screenshot()).await;
+    std::fs::write(artifacts_dir().join("browser-fund-page.png"), &png).expect("screenshot");
+    browser.quit().await;
 }

@@ -150,6 +150,12 @@ pub struct Browser {
 impl Browser {
     /// Starts chromedriver and a headless Chromium session.
     pub async fn launch(tools: &Tools, trust: CertTrust) -> Browser {
+        Self::launch_with(tools, trust, &[]).await
+    }
+
+    /// [`launch`](Self::launch) with extra Chromium flags (e.g. `--host-resolver-rules`
+    /// to send a public host name to a loopback stand-in).
+    pub async fn launch_with(tools: &Tools, trust: CertTrust, extra_args: &[String]) -> Browser {
         let profile = tempfile::Builder::new()
             .prefix("onramp-gw-chromium-")
             .tempdir()
@@ -187,6 +193,7 @@ impl Browser {
             "--window-size=1280,900".into(),
             format!("--user-data-dir={}", user_data_dir.display()),
         ];
+        args.extend(extra_args.iter().cloned());
         match &trust {
             CertTrust::PinnedSpki(hash) => {
                 args.push(format!("--ignore-certificate-errors-spki-list={hash}"))
