@@ -219,5 +219,28 @@ fn summary_lines(s: &Settings) -> Vec<String> {
             c.rate_limit.requests_per_minute, c.rate_limit.burst, c.rate_limit.backend
         ),
         format!("trusted proxies: {}", s.trusted_proxies.len()),
+        format!(
+            "addresses:      {:?}{}",
+            c.addresses.source,
+            if c.addresses.source == AddressSource::Ticket {
+                format!(" (key from ${})", c.addresses.ticket_secret_env)
+            } else {
+                String::new()
+            }
+        ),
+        format!(
+            "onramp api:     {:?}{} (platform {})",
+            c.onramp.api,
+            if c.onramp.sandbox { ", sandbox" } else { "" },
+            s.cdp_platform_base
+        ),
+        format!(
+            "json api:       {}",
+            if c.api.prefix.is_empty() {
+                "off".to_string()
+            } else {
+                format!("{}/* (cache {} s)", c.api.prefix, c.api.cache_s)
+            }
+        ),
     ]
 }
