@@ -59,6 +59,8 @@ pub struct Api {
     /// Coinbase would refuse (shared through Redis with that backend).
     quote_budget: Arc<dyn RateLimiter>,
     cache: moka::future::Cache<String, Bytes>,
+    /// `api.cache_s = 0` turns the cache off.
+    caching: bool,
     cache_control: HeaderValue,
     v1_base: Url,
     blockchains: Vec<String>,
@@ -97,6 +99,7 @@ impl Api {
             limiter,
             quote_budget,
             cache,
+            caching: cache_s > 0,
             cache_control,
             v1_base: settings.cdp_api_base.clone(),
             blockchains: settings.config.onramp.blockchains.clone(),
@@ -200,11 +203,14 @@ impl Api {
             let (value, _) = self.call(Method::GET, &url, None).await?;
             Ok::<_, GatewayError>(Bytes::from(camel::camel_case(value).to_string()))
         };
-        let body = self
-            .cache
-            .try_get_with(key, load)
-            .await
-            .map_err(|e| (*e).clone())?;
+        let body = if self.caching {
+            self.cache
+                .try_get_with(key, load)
+                .await
+                .map_err(|e| (*e).clone())?
+        } else {
+            load.await?
+        };
         Ok(json_response(StatusCode::OK, body))
     }
 

@@ -640,3 +640,80 @@ async fn quote_budget_answers_503_before_cdp_would_refuse() {
     assert!(ok >= 10 && busy >= 1, "ok {ok} busy {busy}");
     assert_eq!(rig.calls(Endpoint::BuyQuote).len(), ok);
 }
+
+/// Every `[api]` route maps each CDP failure the way the minting routes do, and the
+/// gateway recovers with CDP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_routes_map_every_cdp_failure() {
+    let rig = start(App::Context, |b| {
+        b.section("addresses", "source = \"upstream\"")
+            .section("cdp", "timeout_ms = 800")
+            .section("api", "cache_s = 0\nrequests_per_minute = 60000\nburst = 1000")
+    })
+    .await;
+    let quote = json!({"purchaseCurrency": "USDC", "purchaseNetwork": "base",
+        "paymentAmount": "100", "paymentCurrency": "USD", "paymentMethod": "CARD",
+        "country": "US", "destinationAddress": "x"});
+    let call = |route: &'static str| {
+        let rig = &rig;
+        let quote = quote.clone();
+        async move {
+            let url = rig.gw.url(&format!("{API}{route}"));
+            let req = if route == "/buy-quote" {
+                rig.client.post(url).json(&quote)
+            } else {
+                rig.client.get(url)
+            };
+            let r = req
+                .header("cookie", SESSION_COOKIE)
+                .send()
+                .await
+                .expect("response");
+            let status = r.status();
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            (status, v)
+        }
+    };
+    let routes = [
+        "/buy-config",
+        "/buy-options?country=US",
+        "/buy-quote",
+        "/transactions",
+    ];
+    for (mode, want) in [
+        (Mode::ServerError, StatusCode::BAD_GATEWAY),
+        (Mode::RateLimited, StatusCode::SERVICE_UNAVAILABLE),
+        (Mode::Garbage, StatusCode::BAD_GATEWAY),
+        (Mode::Huge, StatusCode::BAD_GATEWAY),
+        (Mode::Hangup, StatusCode::BAD_GATEWAY),
+        (Mode::Slow(Duration::from_secs(3)), StatusCode::GATEWAY_TIMEOUT),
+        (
+            Mode::Custom {
+                status: 401,
+                body: json!({"code": 16, "message": "unauthenticated"}).to_string(),
+            },
+            StatusCode::BAD_GATEWAY,
+        ),
+        (
+            Mode::Custom {
+                status: 400,
+                body: json!({"code": 3, "message": "payment amount too small"}).to_string(),
+            },
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        rig.fake.set_mode(mode.clone());
+        for route in routes {
+            let (status, v) = call(route).await;
+            assert_eq!(status, want, "{mode:?} {route}: {v}");
+            assert!(v["error"].is_string(), "{mode:?} {route}: {v}");
+            if want == StatusCode::BAD_REQUEST {
+                assert_eq!(v["errorMessage"], "payment amount too small", "{route}");
+            }
+        }
+    }
+    rig.fake.set_mode(Mode::Ok);
+    for route in routes {
+        assert_eq!(call(route).await.0, StatusCode::OK, "{route} recovers");
+    }
+}
