@@ -211,13 +211,19 @@ async fn read_capped(
     }
 }
 
-fn parse_token(bytes: &[u8]) -> Result<SessionToken, CdpError> {
+/// The token out of a 2xx answer body. `pub` for the fuzz target (fuzz/fuzz_targets/cdp_response.rs).
+pub fn parse_token(bytes: &[u8]) -> Result<SessionToken, CdpError> {
     #[derive(serde::Deserialize)]
     struct TokenResponse {
         token: Option<String>,
     }
+    // serde also fills a struct from a JSON array (`["t"]`), which is no token answer
+    // (found by fuzz/fuzz_targets/cdp_response.rs): only an object is one.
+    let is_object = bytes.trim_ascii_start().first() == Some(&b'{');
     let parsed: TokenResponse = serde_json::from_slice(bytes)
-        .map_err(|_| CdpError::BadResponse("not a JSON token response".into()))?;
+        .ok()
+        .filter(|_| is_object)
+        .ok_or_else(|| CdpError::BadResponse("not a JSON token response".into()))?;
     match parsed.token {
         Some(t) if !t.is_empty() && t.len() <= 4096 && t.bytes().all(|b| b.is_ascii_graphic()) => {
             Ok(SessionToken(t))
@@ -228,7 +234,8 @@ fn parse_token(bytes: &[u8]) -> Result<SessionToken, CdpError> {
 }
 
 /// The google.rpc Status `message` of an error answer, shortened and made log-safe.
-fn error_message(bytes: &[u8]) -> String {
+/// `pub` for the fuzz target.
+pub fn error_message(bytes: &[u8]) -> String {
     let message = serde_json::from_slice::<serde_json::Value>(bytes)
         .ok()
         .and_then(|v| {
@@ -285,6 +292,10 @@ mod tests {
         assert!(parse_token(br#"{"channelId":""}"#).is_err());
         assert!(parse_token(b"<html>").is_err());
         assert!(parse_token(br#"{"token":"a b"}"#).is_err());
+        // An array deserialises into the struct positionally; it is not a token answer.
+        assert!(parse_token(br#"["t{["]"#).is_err());
+        assert!(parse_token(br#" ["tok"]"#).is_err());
+        assert!(parse_token(b" \n{\"token\":\"tok\"}").is_ok());
         assert_eq!(
             format!("{:?}", SessionToken("secret".into())),
             "SessionToken(<redacted>)"
