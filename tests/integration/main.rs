@@ -5,6 +5,7 @@ mod common;
 
 mod browser;
 mod deploy_manifests;
+mod faults;
 mod jwt_crosscheck;
 mod load_balancer;
 mod minting;
