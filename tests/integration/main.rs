@@ -11,5 +11,6 @@ mod load_balancer;
 mod minting;
 mod operations;
 mod proxy;
+mod soak;
 mod startup;
 mod tls_listener;
