@@ -1229,6 +1229,27 @@ mod tests {
         assert_eq!(fake.failures().len(), 2);
     }
 
+    /// The two modes the fault tests added: a declared 10 MB body, and one that never ends.
+    #[tokio::test]
+    async fn huge_with_length_and_stall_modes() {
+        let key = TestKey::es256_pkcs8();
+        let fake = FakeCdp::start(&key);
+        fake.set_mode(Mode::HugeWithLength);
+        let a = post_token(&fake, &jwt_for(&key, &fake.token_url()), &good_body()).await;
+        assert_eq!((a.status, a.body.len()), (200, huge_response_len()));
+        assert_eq!(a.json()["token"].as_str().unwrap().len(), HUGE_BODY_BYTES);
+
+        fake.set_mode(Mode::Stall);
+        let stalled = tokio::time::timeout(
+            Duration::from_millis(300),
+            post_token(&fake, &jwt_for(&key, &fake.token_url()), &good_body()),
+        )
+        .await;
+        assert!(stalled.is_err(), "a stalled answer must not complete");
+        assert_eq!(fake.requests().last().unwrap().status, 200);
+        fake.assert_all_verified();
+    }
+
     #[tokio::test]
     async fn modes() {
         let key = TestKey::es256_pkcs8();
