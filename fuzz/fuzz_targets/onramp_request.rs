@@ -1,7 +1,9 @@
 //! Browser input → validated request → `Location` (src/onramp/request.rs `from_query`,
 //! `from_form`, `from_json`, `build_location`).
 //!
-//! Input: byte 0 picks the parser (`q` query, `f` form, `j` JSON; others by value), byte 1
+//! Input: byte 0 picks the parser (`q` query, `f` form, `j` JSON, `u` the app's context
+//! JSON for `addresses.source = "upstream"`, a newline, then the client's query; others by
+//! value), byte 1
 //! the rules (bit 0: offramp, bit 1: `onramp.assets` configured), an optional `\n`, then
 //! the query string or body. Seeds are readable: `q\`\naddress=0x..&blockchains=base`.
 //!
@@ -18,8 +20,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use onramp_gateway::onramp::request::{
-    build_location, from_form, from_json, from_query, preset_names, Flow, MintRequest,
-    RedirectRule, Rules,
+    build_location, from_form, from_json, from_query, from_upstream_context, preset_names,
+    ClientInput, Flow, MintRequest, RedirectRule, Rules,
 };
 use url::{Host, Url};
 
@@ -58,6 +60,14 @@ fuzz_target!(|data: &[u8]| {
         b'q' => std::str::from_utf8(body).map_or(Ok(None), |q| from_query(q, &rules).map(Some)),
         b'f' => from_form(body, &rules).map(Some),
         b'j' => from_json(body, &rules).map(Some),
+        b'u' => {
+            let at = body.iter().position(|&b| b == b'\n').unwrap_or(body.len());
+            let (context, query) = (&body[..at], body.get(at + 1..).unwrap_or_default());
+            match std::str::from_utf8(query) {
+                Ok(q) => from_upstream_context(context, ClientInput::Query(q), &rules).map(Some),
+                Err(_) => Ok(None),
+            }
+        }
         m => match m % 3 {
             0 => std::str::from_utf8(body).map_or(Ok(None), |q| from_query(q, &rules).map(Some)),
             1 => from_form(body, &rules).map(Some),
