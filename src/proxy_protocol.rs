@@ -67,10 +67,20 @@ pub async fn accept(
     .await
     .map_err(|_| ProxyProtocolError::Timeout(HEADER_TIMEOUT))?
     .map_err(ProxyProtocolError::Invalid)?;
-    let client = match proxied.proxy_header().proxied_address() {
-        None => peer,
-        Some(a) if a.protocol == Protocol::Stream => a.source,
-        Some(_) => return Err(ProxyProtocolError::Datagram),
-    };
+    let client = client_address(proxied.proxy_header(), peer)?;
     Ok((proxied, client))
+}
+
+/// The client address a parsed header names: the socket peer for `LOCAL`/`UNKNOWN`, the
+/// header's source for a stream. Pure, so the fuzz target (fuzz/fuzz_targets/client_ip.rs)
+/// checks the very mapping [`accept`] uses.
+pub fn client_address(
+    header: &proxy_header::ProxyHeader<'_>,
+    peer: SocketAddr,
+) -> Result<SocketAddr, ProxyProtocolError> {
+    match header.proxied_address() {
+        None => Ok(peer),
+        Some(a) if a.protocol == Protocol::Stream => Ok(a.source),
+        Some(_) => Err(ProxyProtocolError::Datagram),
+    }
 }

@@ -303,13 +303,19 @@ async fn read_capped(
     }
 }
 
-fn parse_token(bytes: &[u8]) -> Result<SessionToken, CdpError> {
+/// The token out of a 2xx answer body. `pub` for the fuzz target (fuzz/fuzz_targets/cdp_response.rs).
+pub fn parse_token(bytes: &[u8]) -> Result<SessionToken, CdpError> {
     #[derive(serde::Deserialize)]
     struct TokenResponse {
         token: Option<String>,
     }
+    // serde also fills a struct from a JSON array (`["t"]`), which is no token answer
+    // (found by fuzz/fuzz_targets/cdp_response.rs): only an object is one.
+    let is_object = bytes.trim_ascii_start().first() == Some(&b'{');
     let parsed: TokenResponse = serde_json::from_slice(bytes)
-        .map_err(|_| CdpError::BadResponse("not a JSON token response".into()))?;
+        .ok()
+        .filter(|_| is_object)
+        .ok_or_else(|| CdpError::BadResponse("not a JSON token response".into()))?;
     match parsed.token {
         Some(t) if !t.is_empty() && t.len() <= 4096 && t.bytes().all(|b| b.is_ascii_graphic()) => {
             Ok(SessionToken(t))
@@ -321,14 +327,15 @@ fn parse_token(bytes: &[u8]) -> Result<SessionToken, CdpError> {
 
 /// An error answer: v1's google.rpc Status (`message`) or v2's
 /// `{errorType, errorMessage, correlationId}`, each field shortened and made log-safe.
-struct ErrorBody {
-    message: String,
-    error_type: Option<String>,
-    correlation_id: Option<String>,
+/// `pub` for the fuzz target.
+pub struct ErrorBody {
+    pub message: String,
+    pub error_type: Option<String>,
+    pub correlation_id: Option<String>,
 }
 
 impl ErrorBody {
-    fn parse(bytes: &[u8]) -> Self {
+    pub fn parse(bytes: &[u8]) -> Self {
         let v = serde_json::from_slice::<serde_json::Value>(bytes).unwrap_or_default();
         let field = |name: &str, max: usize| {
             v.get(name)
@@ -388,6 +395,10 @@ mod tests {
         assert!(parse_token(br#"{"channelId":""}"#).is_err());
         assert!(parse_token(b"<html>").is_err());
         assert!(parse_token(br#"{"token":"a b"}"#).is_err());
+        // An array deserialises into the struct positionally; it is not a token answer.
+        assert!(parse_token(br#"["t{["]"#).is_err());
+        assert!(parse_token(br#" ["tok"]"#).is_err());
+        assert!(parse_token(b" \n{\"token\":\"tok\"}").is_ok());
         assert_eq!(
             format!("{:?}", SessionToken("secret".into())),
             "SessionToken(<redacted>)"

@@ -5,6 +5,7 @@ mod common;
 
 mod browser;
 mod deploy_manifests;
+mod faults;
 mod jwt_crosscheck;
 mod load_balancer;
 mod mint_trust;
@@ -12,6 +13,7 @@ mod minting;
 mod operations;
 mod proxy;
 mod seams;
+mod soak;
 mod startup;
 mod tls_listener;
 mod v2_flows;

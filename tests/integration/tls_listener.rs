@@ -436,7 +436,19 @@ async fn sighup_reloads_certificate_without_dropping_connections() {
         std::fs::rename(&tmp, dst).unwrap();
     }
     crate::common::gateway::signal(gw.pid, "HUP");
-    wait_for_leaf(&gw, &next.leaf_der, Duration::from_secs(3), "SIGHUP").await;
+    // The 2 s file watcher would also pick the new files up, so "the new certificate is
+    // served eventually" does not prove SIGHUP works. The signal handler's own log line
+    // within 500 ms does, and then the very next handshake must get the new certificate
+    // (no polling: the reload completes before the line is logged).
+    gw.wait_for_log(Duration::from_millis(500), "SIGHUP reload log line", |e| {
+        crate::common::gateway::field_str(e, "message") == Some("SIGHUP: certificate reloaded")
+    })
+    .await;
+    assert_eq!(
+        presented_leaf(&gw).await,
+        next.leaf_der,
+        "SIGHUP logged a reload but the old certificate is served"
+    );
 
     assert_eq!(keepalive_get(&mut old).await, 200, "old connection broken");
     assert_still_serving_insecure(&gw).await;

@@ -648,7 +648,10 @@ async fn api_routes_map_every_cdp_failure() {
     let rig = start(App::Context, |b| {
         b.section("addresses", "source = \"upstream\"")
             .section("cdp", "timeout_ms = 800")
-            .section("api", "cache_s = 0\nrequests_per_minute = 60000\nburst = 1000")
+            .section(
+                "api",
+                "cache_s = 0\nrequests_per_minute = 60000\nburst = 1000",
+            )
     })
     .await;
     let quote = json!({"purchaseCurrency": "USDC", "purchaseNetwork": "base",
@@ -686,7 +689,10 @@ async fn api_routes_map_every_cdp_failure() {
         (Mode::Garbage, StatusCode::BAD_GATEWAY),
         (Mode::Huge, StatusCode::BAD_GATEWAY),
         (Mode::Hangup, StatusCode::BAD_GATEWAY),
-        (Mode::Slow(Duration::from_secs(3)), StatusCode::GATEWAY_TIMEOUT),
+        (
+            Mode::Slow(Duration::from_secs(3)),
+            StatusCode::GATEWAY_TIMEOUT,
+        ),
         (
             Mode::Custom {
                 status: 401,

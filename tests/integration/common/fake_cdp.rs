@@ -35,6 +35,7 @@ use aws_lc_rs::signature::{
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -274,6 +275,11 @@ pub enum Mode {
     Custom { status: u16, body: String },
     /// Close the connection without answering.
     Hangup,
+    /// `200` headers and the start of a JSON body (`{"token":"`), then nothing, forever: the
+    /// answer never finishes, so only the client's own deadline ends the call.
+    Stall,
+    /// Like [`Mode::Huge`] but with the 10 MB declared in `Content-Length` up front.
+    HugeWithLength,
 }
 
 /// One request as the fake saw it.
@@ -791,6 +797,26 @@ fn huge_response() -> Response<Body> {
     resp
 }
 
+/// Bytes [`huge_response`] sends in all.
+fn huge_response_len() -> usize {
+    let chunk = 64 * 1024;
+    b"{\"token\":\"".len() + (HUGE_BODY_BYTES / chunk) * chunk + b"\",\"channel_id\":\"\"}".len()
+}
+
+/// [`Mode::Stall`]: the first bytes of a token answer, then a body that never ends.
+fn stalled_response() -> Response<Body> {
+    let frames = futures_util::stream::iter([Ok::<_, Infallible>(Frame::data(
+        Bytes::from_static(b"{\"token\":\""),
+    ))])
+    .chain(futures_util::stream::pending());
+    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Hangup> {
     let received_at = Instant::now();
     let (parts, body) = req.into_parts();
@@ -909,6 +935,16 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
                     )),
                 ),
                 Mode::Hangup => (0, None),
+                Mode::Stall => (200, Some(stalled_response())),
+                Mode::HugeWithLength => {
+                    let mut resp = huge_response();
+                    let len = huge_response_len().to_string();
+                    resp.headers_mut().insert(
+                        http::header::CONTENT_LENGTH,
+                        http::HeaderValue::from_str(&len).expect("digits"),
+                    );
+                    (200, Some(resp))
+                }
             },
         };
         let delay = match (&failure, &mode) {
@@ -1487,6 +1523,27 @@ mod tests {
         assert_eq!(resp.status(), 404);
         assert_eq!(fake.count(), 2);
         assert_eq!(fake.failures().len(), 2);
+    }
+
+    /// The two modes the fault tests added: a declared 10 MB body, and one that never ends.
+    #[tokio::test]
+    async fn huge_with_length_and_stall_modes() {
+        let key = TestKey::es256_pkcs8();
+        let fake = FakeCdp::start(&key);
+        fake.set_mode(Mode::HugeWithLength);
+        let a = post_token(&fake, &jwt_for(&key, &fake.token_url()), &good_body()).await;
+        assert_eq!((a.status, a.body.len()), (200, huge_response_len()));
+        assert_eq!(a.json()["token"].as_str().unwrap().len(), HUGE_BODY_BYTES);
+
+        fake.set_mode(Mode::Stall);
+        let stalled = tokio::time::timeout(
+            Duration::from_millis(300),
+            post_token(&fake, &jwt_for(&key, &fake.token_url()), &good_body()),
+        )
+        .await;
+        assert!(stalled.is_err(), "a stalled answer must not complete");
+        assert_eq!(fake.requests().last().unwrap().status, 200);
+        fake.assert_all_verified();
     }
 
     #[tokio::test]
