@@ -18,6 +18,8 @@
 //!   [`ticket`]: app-signed address tickets.
 //! - [`error`]: every client-facing error and its response, in one place.
 //! - [`server`]: start-up and graceful shutdown.
+//! - [`webhook`]: Coinbase's transaction webhooks, verified and forwarded to the app; the
+//!   `webhooks subscribe`/`list` commands.
 
 pub mod admin;
 pub mod api;
@@ -44,3 +46,4 @@ pub mod server;
 pub mod ticket;
 pub mod tls;
 pub mod upstream;
+pub mod webhook;
