@@ -15,3 +15,4 @@ mod seams;
 mod startup;
 mod tls_listener;
 mod v2_flows;
+mod webhooks;
