@@ -10,6 +10,7 @@ mod load_balancer;
 mod mint_trust;
 mod minting;
 mod operations;
+mod orders;
 mod proxy;
 mod seams;
 mod startup;
