@@ -508,3 +508,44 @@ fn subscribe_prints_the_secret_once_and_list_never() {
         json!([format!("GET {}{SUBSCRIPTIONS_PATH}", fake.addr())])
     );
 }
+
+/// Two replicas sharing one Redis: a delivery forwarded by one is a duplicate on the
+/// other, and a delivery the app refused is forgotten, so the retry on either goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_delivery_ids_through_redis() {
+    let redis = crate::common::redis::RedisServer::start();
+    let app = EventsApp::start().await;
+    let with_redis = |b: GatewayBuilder| {
+        hooks(b).section(
+            "rate_limit",
+            &format!("backend = \"redis\"\nredis_url = \"{}\"", redis.url()),
+        )
+    };
+    let a = with_redis(GatewayBuilder::new(&app.url())).start().await;
+    let b = with_redis(GatewayBuilder::new(&app.url())).start().await;
+    let (ca, cb) = (
+        a.https_client(Alpn::H2AndHttp11),
+        b.https_client(Alpn::H2AndHttp11),
+    );
+    let d = delivery(OLD_SECRET, now(), "evt-shared-1", BODY);
+    assert_eq!(deliver(&a, &ca, &d).await.0, 200, "{}", a.logs());
+    assert_eq!(deliver(&b, &cb, &d).await.0, 200);
+    assert_eq!(app.seen().len(), 1, "forwarded once across replicas");
+    let mut conn = redis.client().get_connection().unwrap();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("onramp-gateway:rl:webhook:jti:evt-shared-1")
+        .query(&mut conn)
+        .unwrap();
+    assert!((290_000..=306_000).contains(&ttl), "PTTL {ttl}");
+
+    app.set_status(503);
+    let failed = delivery(OLD_SECRET, now(), "evt-shared-2", BODY);
+    assert_eq!(deliver(&a, &ca, &failed).await.0, 502);
+    app.set_status(200);
+    assert_eq!(
+        deliver(&b, &cb, &failed).await.0,
+        200,
+        "the retry is forwarded"
+    );
+    assert_eq!(app.seen().len(), 3);
+}
