@@ -197,6 +197,22 @@ fn check(settings: Settings) -> ExitCode {
                     "cdp key:        none (onramp/offramp will answer 503; /readyz not ready)"
                 ),
             }
+            if let Some(secrets) = &prepared.webhook_secrets {
+                let w = &prepared.settings.config.webhooks;
+                println!(
+                    "webhooks:       {} -> app {} ({} secret(s), tolerance {} s)",
+                    w.path,
+                    w.forward_path,
+                    secrets.len(),
+                    w.tolerance_s
+                );
+            }
+            if prepared.settings.config.orders.enabled {
+                println!(
+                    "orders:         {}/orders (domain {:?})",
+                    prepared.settings.config.api.prefix, prepared.settings.config.orders.domain
+                );
+            }
             let cert = prepared.certs.current();
             println!("tls chain:      {} certificate(s)", cert.cert.len());
             println!("ok");

@@ -417,12 +417,17 @@ fn start_up_and_check_refuse_a_receiver_without_secrets() {
         .run_expect_exit(Duration::from_secs(20));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("CDP_WEBHOOK_SECRETS"));
-    let out = b().env("CDP_WEBHOOK_SECRETS", OLD_SECRET).check();
+    let out = b()
+        .env("CDP_WEBHOOK_SECRETS", &format!("{OLD_SECRET},{NEW_SECRET}"))
+        .check();
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(stdout.contains("2 secret(s)"), "{stdout}");
+    assert!(!stdout.contains(OLD_SECRET) && !stdout.contains(NEW_SECRET));
 }
 
 #[test]
