@@ -382,3 +382,17 @@ async fn orders_are_off_unless_enabled() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("orders.enabled"));
 }
+
+/// Apple's domain-verification file is the app's, served through the proxy: `200` at
+/// exactly that path, no redirect, nothing of the gateway's own in the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apple_domain_association_file_is_the_apps_without_redirect() {
+    let rig = start(Source::Context { identity: true }, |b| b).await;
+    let path = "/.well-known/apple-developer-merchantid-domain-association";
+    let r = rig.client.get(rig.gw.url(path)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("location").is_none());
+    assert_eq!(r.headers()["x-upstream"], "context-app");
+    let seen = rig.app.as_ref().unwrap().seen();
+    assert!(seen.iter().any(|s| s.path == path), "{seen:?}");
+}

@@ -554,3 +554,41 @@ async fn replicas_share_delivery_ids_through_redis() {
     );
     assert_eq!(app.seen().len(), 3);
 }
+
+/// Not a correctness test: what verification and forwarding cost per delivery, next to a
+/// proxied POST of the same body (`cargo test --test integration webhooks::measure --
+/// --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_delivery_latency() {
+    let app = EventsApp::start().await;
+    let (gw, client) = start(&app.url()).await;
+    let n = 2000;
+    let percentiles = |mut v: Vec<Duration>| {
+        v.sort();
+        (v[v.len() / 2], v[v.len() * 99 / 100])
+    };
+    let mut hooks = Vec::with_capacity(n);
+    for i in 0..n {
+        let d = delivery(NEW_SECRET, now(), &format!("evt-measure-{i}"), BODY);
+        let started = std::time::Instant::now();
+        assert_eq!(deliver(&gw, &client, &d).await.0, 200);
+        hooks.push(started.elapsed());
+    }
+    let mut proxied = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = std::time::Instant::now();
+        let r = client
+            .post(gw.url("/some-app-path"))
+            .header("content-type", "application/json")
+            .body(BODY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        proxied.push(started.elapsed());
+    }
+    let (h50, h99) = percentiles(hooks);
+    let (p50, p99) = percentiles(proxied);
+    println!("webhook deliveries: p50 {h50:?} p99 {h99:?}; proxied POSTs: p50 {p50:?} p99 {p99:?} (n = {n})");
+}
