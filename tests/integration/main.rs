@@ -11,6 +11,7 @@ mod mint_trust;
 mod minting;
 mod operations;
 mod orders;
+mod orders_browser;
 mod proxy;
 mod seams;
 mod startup;

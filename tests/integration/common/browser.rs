@@ -150,6 +150,12 @@ pub struct Browser {
 impl Browser {
     /// Starts chromedriver and a headless Chromium session.
     pub async fn launch(tools: &Tools, trust: CertTrust) -> Browser {
+        Self::launch_with_args(tools, trust, Vec::new()).await
+    }
+
+    /// [`launch`](Self::launch) with extra Chromium switches (e.g. `--host-resolver-rules`
+    /// to send a public host name to a loopback stand-in).
+    pub async fn launch_with_args(tools: &Tools, trust: CertTrust, extra: Vec<String>) -> Browser {
         let profile = tempfile::Builder::new()
             .prefix("onramp-gw-chromium-")
             .tempdir()
@@ -187,6 +193,7 @@ impl Browser {
             "--window-size=1280,900".into(),
             format!("--user-data-dir={}", user_data_dir.display()),
         ];
+        args.extend(extra);
         match &trust {
             CertTrust::PinnedSpki(hash) => {
                 args.push(format!("--ignore-certificate-errors-spki-list={hash}"))
