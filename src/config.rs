@@ -1047,8 +1047,23 @@ impl Config {
             } else {
                 c.route_path("webhooks.forward_path", &w.forward_path);
             }
-            if w.forward_path == w.path {
-                c.bad("webhooks.forward_path", "must differ from webhooks.path");
+            // The app's delivery endpoint is answered 404 to clients: it must not shadow
+            // one of the gateway's own routes.
+            let prefix = &self.api.prefix;
+            let own = [
+                w.path.as_str(),
+                self.onramp.path.as_str(),
+                self.offramp.path.as_str(),
+            ];
+            if own.contains(&w.forward_path.as_str())
+                || (!prefix.is_empty()
+                    && (w.forward_path == *prefix
+                        || w.forward_path.starts_with(&format!("{prefix}/"))))
+            {
+                c.bad(
+                    "webhooks.forward_path",
+                    "must differ from webhooks.path, onramp.path, offramp.path and api.prefix",
+                );
             }
             for (key, path) in [
                 ("onramp.path", &self.onramp.path),
@@ -1362,5 +1377,10 @@ mod tests {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }
         assert!(parse("[webhooks]\nsecret = \"x\"\n").is_err());
+        let problems = validate(&format!(
+            "{MINIMAL}[webhooks]\npath = \"/hooks\"\nforward_path = \"/onramp/api/events\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(problems[0].key, "webhooks.forward_path", "{problems:?}");
     }
 }

@@ -7,7 +7,8 @@
 //! - [`listener`]: accept loop, connection limits, timeouts, per-connection HTTP.
 //! - [`client_ip`]: the client IP decision (socket peer; trusted proxies).
 //! - [`routes`]: routing, access log, request metrics.
-//! - [`api`]: the JSON endpoints for browser SDKs (buy options/quote, transactions).
+//! - [`api`]: the JSON endpoints for browser SDKs (buy options/quote, transactions) and
+//!   headless Apple Pay / Google Pay orders.
 //! - [`proxy`]: forwarding to the upstream app; [`forwarding`]: the header rules it and
 //!   the app-context call share; [`upstream`]: the one client to the app.
 //! - [`conn_limit`]: connection slots (global, per IP) and their one owner.

@@ -112,9 +112,15 @@ impl WebhookReceiver {
     ) -> Response<ResponseBody> {
         let (event, outcome) = self.receive(req, client, peer).await;
         self.metrics.count_webhook(event, outcome.result);
-        outcome
+        let mut response = outcome
             .response
-            .unwrap_or_else(|e| e.into_response_as(true))
+            .unwrap_or_else(|e| e.into_response_as(true));
+        if response.status() == StatusCode::METHOD_NOT_ALLOWED {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        }
+        response
     }
 
     /// Returns the event type label and the outcome.

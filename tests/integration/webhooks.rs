@@ -400,6 +400,7 @@ async fn clients_never_reach_the_forward_path_and_big_bodies_are_413() {
     // A GET on the webhook path: 405, nothing forwarded.
     let r = client.get(gw.url(HOOK_PATH)).send().await.unwrap();
     assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "POST");
 }
 
 #[test]
