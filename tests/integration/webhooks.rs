@@ -283,8 +283,8 @@ async fn every_bad_delivery_is_401_and_nothing_is_forwarded() {
             "unknown secret",
             delivery("not-a-configured-secret", t, "evt-bad-1", BODY),
         ),
-        ("stale", delivery(OLD_SECRET, t - 301, "evt-bad-2", BODY)),
-        ("future", delivery(OLD_SECRET, t + 301, "evt-bad-3", BODY)),
+        ("stale", delivery(OLD_SECRET, t - 330, "evt-bad-2", BODY)),
+        ("future", delivery(OLD_SECRET, t + 330, "evt-bad-3", BODY)),
         (
             "signed header missing",
             delivery(OLD_SECRET, t, "evt-bad-4", BODY).without("x-hook0-id"),
@@ -303,8 +303,10 @@ async fn every_bad_delivery_is_401_and_nothing_is_forwarded() {
     assert_eq!(metric(&gw, "other", "stale").await, 2);
     assert_eq!(metric(&gw, "other", "invalid_signature").await, 2);
     assert_eq!(metric(&gw, "other", "signed_header_missing").await, 1);
-    // Inside the tolerance (300 s) still passes.
-    let (status, _) = deliver(&gw, &client, &delivery(OLD_SECRET, t - 295, "evt-ok", BODY)).await;
+    // Inside the tolerance (300 s) still passes. Margins of 20-30 s keep a loaded machine
+    // (the gateway reads its clock later than the test) off the boundary, which the unit
+    // tests pin exactly.
+    let (status, _) = deliver(&gw, &client, &delivery(OLD_SECRET, t - 280, "evt-ok", BODY)).await;
     assert_eq!(status, 200);
 }
 
