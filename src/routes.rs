@@ -176,16 +176,37 @@ impl Handler for App {
 use crate::forwarding::X_REQUEST_ID;
 
 /// Whether `path` names `forward_path` (`""` = nothing reserved): the same path after
-/// percent-decoding and ASCII case folding, or anything under it, since app routers often
-/// treat those alike.
+/// percent-decoding, ASCII case folding, `\` as `/`, empty and `.` segments dropped and
+/// `..` applied, or anything under it, since app routers often treat those alike.
 fn reserved(forward_path: &str, path: &str) -> bool {
     if forward_path.is_empty() {
         return false;
     }
-    let p = percent_decode(path).to_ascii_lowercase();
-    let f = forward_path.to_ascii_lowercase();
-    let f = f.trim_end_matches('/').as_bytes();
-    p == f || p.strip_prefix(f).is_some_and(|rest| rest.starts_with(b"/"))
+    let p = canonical(&percent_decode(path));
+    let f = canonical(forward_path.as_bytes());
+    p == f
+        || p.strip_prefix(f.as_slice())
+            .is_some_and(|rest| rest.starts_with(b"/"))
+}
+
+fn canonical(path: &[u8]) -> Vec<u8> {
+    let lower = path.to_ascii_lowercase();
+    let mut segments: Vec<&[u8]> = Vec::new();
+    for segment in lower.split(|&b| b == b'/' || b == b'\\') {
+        match segment {
+            b"" | b"." => {}
+            b".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = Vec::with_capacity(path.len());
+    for s in segments {
+        out.push(b'/');
+        out.extend_from_slice(s);
+    }
+    out
 }
 
 fn percent_decode(path: &str) -> Vec<u8> {
@@ -249,6 +270,11 @@ mod tests {
             "/ONRAMP-events",
             "/onramp%2Devents",
             "/onramp-events/x",
+            "//onramp-events",
+            "/x/../onramp-events",
+            "/./onramp-events",
+            "\\onramp-events",
+            "/a/%2e%2e/onramp-events",
         ] {
             assert!(reserved("/onramp-events", p), "{p}");
         }

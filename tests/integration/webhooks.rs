@@ -376,6 +376,7 @@ async fn clients_never_reach_the_forward_path_and_big_bodies_are_413() {
         "/ONRAMP-EVENTS",
         "/onramp%2Devents",
         "/onramp-events?x=1",
+        "//onramp-events",
     ] {
         let r = client
             .post(gw.url(path))
