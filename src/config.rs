@@ -61,6 +61,41 @@ pub struct Config {
     pub cors: CorsConfig,
     pub log: LogConfig,
     pub api: ApiConfig,
+    pub webhooks: WebhooksConfig,
+    pub orders: OrdersConfig,
+}
+
+/// `[webhooks]`: Coinbase transaction webhooks, verified and forwarded to the app.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// Where Coinbase delivers; `""` = off.
+    pub path: String,
+    /// Environment variable with the subscription secret(s), comma-separated (rotation).
+    pub secrets_env: String,
+    pub tolerance_s: u64,
+    /// Verified deliveries are POSTed to `{upstream.url}{forward_path}`; never proxied.
+    pub forward_path: String,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            path: String::new(),
+            secrets_env: "CDP_WEBHOOK_SECRETS".into(),
+            tolerance_s: 300,
+            forward_path: "/onramp-events".into(),
+        }
+    }
+}
+
+/// `[orders]`: headless Apple Pay / Google Pay orders (`POST {api.prefix}/orders`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrdersConfig {
+    pub enabled: bool,
+    /// The site the payment link is embedded on (CDP's `domain`); `""` = not sent.
+    pub domain: String,
 }
 
 /// `[api]`: JSON endpoints for browser SDKs (buy config/options/quote, transactions).
@@ -760,6 +795,7 @@ impl Config {
         if let Err(e) = api_policy.validate() {
             c.bad("api", e.to_string().replace("rate_limit.", "api."));
         }
+        self.check_webhooks_and_orders(&mut c);
         let cdp_key_file = if self.cdp.key_file.is_empty() {
             None
         } else {
@@ -996,6 +1032,95 @@ impl Config {
     }
 }
 
+impl Config {
+    /// `[webhooks]` and `[orders]`. The secrets themselves are read (and their absence
+    /// refused) at start-up, by `run` and `check` alike.
+    fn check_webhooks_and_orders(&self, c: &mut Checker) {
+        let w = &self.webhooks;
+        if !w.path.is_empty() {
+            c.route_path("webhooks.path", &w.path);
+            if w.forward_path.is_empty() {
+                c.bad(
+                    "webhooks.forward_path",
+                    "required when webhooks.path is set",
+                );
+            } else {
+                c.route_path("webhooks.forward_path", &w.forward_path);
+            }
+            // The app's delivery endpoint is answered 404 to clients: it must not shadow
+            // one of the gateway's own routes.
+            let prefix = &self.api.prefix;
+            let own = [
+                w.path.as_str(),
+                self.onramp.path.as_str(),
+                self.offramp.path.as_str(),
+            ];
+            if own.contains(&w.forward_path.as_str())
+                || (!prefix.is_empty()
+                    && (w.forward_path == *prefix
+                        || w.forward_path.starts_with(&format!("{prefix}/"))))
+            {
+                c.bad(
+                    "webhooks.forward_path",
+                    "must differ from webhooks.path, onramp.path, offramp.path and api.prefix",
+                );
+            }
+            for (key, path) in [
+                ("onramp.path", &self.onramp.path),
+                ("offramp.path", &self.offramp.path),
+            ] {
+                if *path == w.path {
+                    c.bad("webhooks.path", format!("must differ from {key}"));
+                }
+            }
+            let prefix = &self.api.prefix;
+            if !prefix.is_empty() && w.path.starts_with(&format!("{prefix}/")) {
+                c.bad("webhooks.path", "must not be under api.prefix");
+            }
+            if w.tolerance_s == 0 || w.tolerance_s > 3600 {
+                c.bad("webhooks.tolerance_s", "must be between 1 and 3600 seconds");
+            }
+        }
+        if w.secrets_env.is_empty()
+            || !w
+                .secrets_env
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            c.bad(
+                "webhooks.secrets_env",
+                "must be an environment variable name (letters, digits, '_')",
+            );
+        }
+        let o = &self.orders;
+        if o.enabled {
+            if self.api.prefix.is_empty() {
+                c.bad(
+                    "orders.enabled",
+                    "needs api.prefix (the orders endpoints live there)",
+                );
+            }
+            if self.addresses.source == AddressSource::Request {
+                c.bad(
+                    "orders.enabled",
+                    "needs addresses.source = \"upstream\" or \"ticket\": the buyer's identity must come from the app",
+                );
+            }
+        }
+        let host_ok = o.domain.len() <= 253
+            && o.domain
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            && !o.domain.starts_with(['.', '-']);
+        if !host_ok {
+            c.bad(
+                "orders.domain",
+                format!("must be a host name such as \"shop.example.com\" (no scheme, port or path), got {:?}", o.domain),
+            );
+        }
+    }
+}
+
 /// RFC 9110 `token` (what an `Upgrade` protocol name is).
 fn is_token(s: &str) -> bool {
     !s.is_empty()
@@ -1222,5 +1347,40 @@ mod tests {
         .unwrap_err();
         let msg = &problems[0].message;
         assert!(!msg.contains("hunter2"), "{msg}");
+    }
+
+    #[test]
+    fn webhooks_and_orders_keys() {
+        let s = validate(MINIMAL).expect("valid");
+        assert_eq!(s.config.webhooks.path, "");
+        assert_eq!(s.config.webhooks.secrets_env, "CDP_WEBHOOK_SECRETS");
+        assert_eq!(s.config.webhooks.tolerance_s, 300);
+        assert_eq!(s.config.webhooks.forward_path, "/onramp-events");
+        assert!(!s.config.orders.enabled);
+        validate(&format!(
+            "{MINIMAL}[webhooks]\npath = \"/onramp/webhooks\"\n[orders]\nenabled = true\ndomain = \"shop.example.com\"\n[addresses]\nsource = \"upstream\"\n"
+        ))
+        .expect("valid");
+        let problems = validate(&format!(
+            "{MINIMAL}[webhooks]\npath = \"/onramp\"\nforward_path = \"/onramp\"\ntolerance_s = 0\nsecrets_env = \"A B\"\n[orders]\nenabled = true\ndomain = \"https://x\"\n"
+        ))
+        .unwrap_err();
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "webhooks.path",
+            "webhooks.forward_path",
+            "webhooks.tolerance_s",
+            "webhooks.secrets_env",
+            "orders.enabled",
+            "orders.domain",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+        assert!(parse("[webhooks]\nsecret = \"x\"\n").is_err());
+        let problems = validate(&format!(
+            "{MINIMAL}[webhooks]\npath = \"/hooks\"\nforward_path = \"/onramp/api/events\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(problems[0].key, "webhooks.forward_path", "{problems:?}");
     }
 }

@@ -74,6 +74,13 @@ pub enum GatewayError {
     CdpInvalidRequest { error_type: String, message: String },
     #[error("the application's onramp context could not be read")]
     ContextUnavailable,
+    /// A webhook delivery whose signature, timestamp or signed headers do not check out.
+    #[error("webhook signature invalid")]
+    WebhookUnauthorized,
+    /// A headless order refused for the buyer (`guest_transaction_limit`, ...): Coinbase's
+    /// `429` with its `errorType`, which the app shows the user (not a retry signal).
+    #[error("{message}")]
+    CdpBuyerLimited { error_type: String, message: String },
 }
 
 impl GatewayError {
@@ -94,7 +101,8 @@ impl GatewayError {
                 StatusCode::FORBIDDEN
             }
             NotFound => StatusCode::NOT_FOUND,
-            TicketInvalid(_) => StatusCode::UNAUTHORIZED,
+            TicketInvalid(_) | WebhookUnauthorized => StatusCode::UNAUTHORIZED,
+            CdpBuyerLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             TicketReplayed => StatusCode::CONFLICT,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             LimiterUnavailable | MintingNotConfigured | CdpRateLimited { .. } | CdpBusy => {
@@ -132,6 +140,8 @@ impl GatewayError {
             CdpRejected => "cdp-rejected",
             CdpInvalidRequest { .. } => "cdp-invalid-request",
             ContextUnavailable => "context-unavailable",
+            WebhookUnauthorized => "webhook-unauthorized",
+            CdpBuyerLimited { .. } => "cdp-buyer-limited",
         }
     }
 
@@ -186,6 +196,10 @@ impl GatewayError {
                 "detail": detail,
             });
             if let GatewayError::CdpInvalidRequest {
+                error_type,
+                message,
+            }
+            | GatewayError::CdpBuyerLimited {
                 error_type,
                 message,
             } = &self

@@ -279,6 +279,25 @@ pub fn context_headers(
     h
 }
 
+/// The headers of a verified webhook delivery forwarded to the app: its `Content-Type`
+/// and delivery id (`X-Hook0-Id`, so the app can be idempotent too), and the same owned
+/// headers the proxy sets. Nothing else of Coinbase's request (not its signature).
+pub fn delivery_headers(
+    delivery: &HeaderMap,
+    client: ClientIp,
+    peer: IpAddr,
+    fallback_host: &HeaderValue,
+) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for name in [header::CONTENT_TYPE, HeaderName::from_static("x-hook0-id")] {
+        if let Some(v) = delivery.get(&name) {
+            h.insert(name, v.clone());
+        }
+    }
+    set_owned_headers(&mut h, &Origin::of(delivery, client, peer), fallback_host);
+    h
+}
+
 /// Headers an untrusted client may not send the app: the client-IP and routing claims
 /// above, and every name with `_` (CGI, WSGI and Rack map `X_Forwarded_For` and
 /// `X-Forwarded-For` onto the same `HTTP_X_FORWARDED_FOR`; nginx drops them too).

@@ -7,7 +7,8 @@
 //! - [`listener`]: accept loop, connection limits, timeouts, per-connection HTTP.
 //! - [`client_ip`]: the client IP decision (socket peer; trusted proxies).
 //! - [`routes`]: routing, access log, request metrics.
-//! - [`api`]: the JSON endpoints for browser SDKs (buy options/quote, transactions).
+//! - [`api`]: the JSON endpoints for browser SDKs (buy options/quote, transactions) and
+//!   headless Apple Pay / Google Pay orders.
 //! - [`proxy`]: forwarding to the upstream app; [`forwarding`]: the header rules it and
 //!   the app-context call share; [`upstream`]: the one client to the app.
 //! - [`conn_limit`]: connection slots (global, per IP) and their one owner.
@@ -18,6 +19,8 @@
 //!   [`ticket`]: app-signed address tickets.
 //! - [`error`]: every client-facing error and its response, in one place.
 //! - [`server`]: start-up and graceful shutdown.
+//! - [`webhook`]: Coinbase's transaction webhooks, verified and forwarded to the app; the
+//!   `webhooks subscribe`/`list` commands.
 
 pub mod admin;
 pub mod api;
@@ -44,3 +47,4 @@ pub mod server;
 pub mod ticket;
 pub mod tls;
 pub mod upstream;
+pub mod webhook;

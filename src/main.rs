@@ -1,4 +1,4 @@
-//! `onramp-gateway` command line: run (default), `check`, `mint`.
+//! `onramp-gateway` command line: run (default), `check`, `mint`, `webhooks`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,6 +11,8 @@ use onramp_gateway::config::{self, AddressSource, Settings};
 use onramp_gateway::server::{self, Prepared};
 use onramp_gateway::ticket::TicketSecret;
 use onramp_gateway::tls::{self, CertSource, CertStore};
+use onramp_gateway::webhook::signature::WebhookSecrets;
+use onramp_gateway::webhook::subscriptions::{self, WebhooksCommand};
 use onramp_gateway::{cli_mint, logging};
 
 #[derive(Parser, Debug)]
@@ -38,6 +40,9 @@ enum Command {
     Check,
     /// Mint one session token with the configured key and print the Coinbase URL.
     Mint(cli_mint::MintArgs),
+    /// Coinbase webhook subscriptions for the transaction events.
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +65,27 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        // Only the CDP key: the webhook secret does not exist before the first subscribe.
+        Some(Command::Webhooks(command)) => match load_cdp_key(&settings) {
+            Ok(Some(key)) => subscriptions::run(&settings, key, command),
+            Ok(None) => {
+                eprintln!("error: no CDP API key: set CDP_API_KEY_ID and CDP_API_KEY_SECRET, or [cdp] key_file");
+                ExitCode::from(1)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+fn load_cdp_key(settings: &Settings) -> Result<Option<CdpKey>, String> {
+    match &settings.cdp_key_file {
+        Some(path) => Ok(Some(
+            CdpKey::from_key_file(path).map_err(|e| e.to_string())?,
+        )),
+        None => CdpKey::from_env().map_err(|e| e.to_string()),
     }
 }
 
@@ -74,10 +100,7 @@ fn prepare(settings: Settings) -> Result<Prepared, String> {
         }
     };
     let certs = CertStore::load(source).map_err(|e| e.to_string())?;
-    let cdp_key = match &settings.cdp_key_file {
-        Some(path) => Some(CdpKey::from_key_file(path).map_err(|e| e.to_string())?),
-        None => CdpKey::from_env().map_err(|e| e.to_string())?,
-    };
+    let cdp_key = load_cdp_key(&settings)?;
     let ticket_secret = match settings.config.addresses.source {
         AddressSource::Ticket => Some(
             TicketSecret::from_env(&settings.config.addresses.ticket_secret_env)
@@ -85,11 +108,22 @@ fn prepare(settings: Settings) -> Result<Prepared, String> {
         ),
         _ => None,
     };
+    // Read once, like the ticket key: a receiver without secrets would refuse every
+    // delivery, so it is a start-up error (for `check` too).
+    let webhook_secrets = if settings.config.webhooks.path.is_empty() {
+        None
+    } else {
+        Some(
+            WebhookSecrets::from_env(&settings.config.webhooks.secrets_env)
+                .map_err(|e| e.to_string())?,
+        )
+    };
     Ok(Prepared {
         settings: Arc::new(settings),
         certs,
         cdp_key,
         ticket_secret,
+        webhook_secrets,
     })
 }
 
@@ -162,6 +196,22 @@ fn check(settings: Settings) -> ExitCode {
                 None => println!(
                     "cdp key:        none (onramp/offramp will answer 503; /readyz not ready)"
                 ),
+            }
+            if let Some(secrets) = &prepared.webhook_secrets {
+                let w = &prepared.settings.config.webhooks;
+                println!(
+                    "webhooks:       {} -> app {} ({} secret(s), tolerance {} s)",
+                    w.path,
+                    w.forward_path,
+                    secrets.len(),
+                    w.tolerance_s
+                );
+            }
+            if prepared.settings.config.orders.enabled {
+                println!(
+                    "orders:         {}/orders (domain {:?})",
+                    prepared.settings.config.api.prefix, prepared.settings.config.orders.domain
+                );
             }
             let cert = prepared.certs.current();
             println!("tls chain:      {} certificate(s)", cert.cert.len());

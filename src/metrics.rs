@@ -19,6 +19,8 @@ pub enum Route {
     offramp,
     /// The `[api]` JSON endpoints.
     api,
+    /// `webhooks.path`: Coinbase's deliveries.
+    webhook,
 }
 
 impl Route {
@@ -28,6 +30,7 @@ impl Route {
             Route::onramp => "onramp",
             Route::offramp => "offramp",
             Route::api => "api",
+            Route::webhook => "webhook",
         }
     }
 }
@@ -48,6 +51,15 @@ pub struct MintLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabels {
+    /// One of the eight transaction event types, else `other`.
+    pub event_type: &'static str,
+    /// `forwarded`, `duplicate`, `app_error`, `app_unreachable`, `invalid_signature`,
+    /// `stale`, `signed_header_missing`, `malformed`, `bad_body`, `method_not_allowed`.
+    pub result: &'static str,
 }
 
 #[derive(Debug)]
@@ -72,6 +84,8 @@ pub struct Metrics {
     pub protocol_errors: Family<ReasonLabels, Counter>,
     /// Accepted sockets closed at once by a connection limit (`per_ip`).
     pub connections_refused: Family<ReasonLabels, Counter>,
+    /// Webhook deliveries, by event type and result.
+    pub webhook_deliveries: Family<WebhookLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -166,8 +180,15 @@ impl Metrics {
             "Accepted connections closed at once by a connection limit, by reason",
             connections_refused.clone(),
         );
+        let webhook_deliveries = Family::<WebhookLabels, Counter>::default();
+        registry.register(
+            "webhook_deliveries",
+            "Coinbase webhook deliveries received, by event type and result",
+            webhook_deliveries.clone(),
+        );
         Self {
             registry,
+            webhook_deliveries,
             mint_refused,
             tls_cert_not_after,
             protocol_errors,
@@ -217,6 +238,12 @@ impl Metrics {
     pub fn count_connection_refused(&self, reason: &'static str) {
         self.connections_refused
             .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn count_webhook(&self, event_type: &'static str, result: &'static str) {
+        self.webhook_deliveries
+            .get_or_create(&WebhookLabels { event_type, result })
             .inc();
     }
 

@@ -65,7 +65,9 @@ pub(crate) enum Purpose {
 /// What the address source knows (see [`Minter::known`]).
 pub(crate) enum Known {
     Browser,
-    App(MintRequest),
+    /// The validated request, and every member of the app's context answer (or every
+    /// extra claim of the ticket): buyer identity for headless orders lives there.
+    App(MintRequest, serde_json::Map<String, serde_json::Value>),
     Relay(Response<ResponseBody>),
 }
 
@@ -171,7 +173,7 @@ impl Minter {
             .await?
         {
             Known::Browser => validate(&input, &self.rules(flow))?,
-            Known::App(request) => request,
+            Known::App(request, _) => request,
             Known::Relay(response) => return Ok(response),
         };
 
@@ -268,12 +270,16 @@ impl Minter {
                 ContextAnswer::Json(bytes) => bytes,
                 ContextAnswer::Relay(response) => return Ok(Known::Relay(response)),
             };
+            let extra = match serde_json::from_slice(&context_json) {
+                Ok(serde_json::Value::Object(m)) => m,
+                _ => serde_json::Map::new(),
+            };
             return request::from_upstream_context(
                 &context_json,
                 client_input,
                 &self.rules(rules_flow),
             )
-            .map(Known::App)
+            .map(|r| Known::App(r, extra))
             .map_err(validation_error);
         }
         if let Some(tickets) = &self.tickets {
@@ -283,7 +289,7 @@ impl Minter {
                 client_input,
                 &self.rules(rules_flow),
             )
-            .map(Known::App)
+            .map(|r| Known::App(r, ticket.extra))
             .map_err(|e| match e.origin {
                 ErrorOrigin::Client => GatewayError::BadRequest(e.to_string()),
                 // Signed by the app, but not a mintable request: the ticket is bad.

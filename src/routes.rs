@@ -30,6 +30,11 @@ pub struct App {
     onramp_path: String,
     offramp_path: String,
     max_header_bytes: usize,
+    /// `webhooks.path` (off when `None`) and its receiver.
+    webhooks: Option<crate::webhook::WebhookReceiver>,
+    webhook_path: String,
+    /// `webhooks.forward_path`: the app's delivery endpoint, never reachable by clients.
+    forward_path: String,
 }
 
 impl App {
@@ -50,7 +55,20 @@ impl App {
             onramp_path: settings.config.onramp.path.clone(),
             offramp_path: settings.config.offramp.path.clone(),
             max_header_bytes: settings.conn.max_header_bytes,
+            webhooks: None,
+            webhook_path: settings.config.webhooks.path.clone(),
+            forward_path: if settings.config.webhooks.path.is_empty() {
+                String::new()
+            } else {
+                settings.config.webhooks.forward_path.clone()
+            },
         }
+    }
+
+    /// Serves `webhooks.path` with `receiver` (and reserves `webhooks.forward_path`).
+    pub fn with_webhooks(mut self, receiver: Option<crate::webhook::WebhookReceiver>) -> Self {
+        self.webhooks = receiver;
+        self
     }
 
     fn route_of(&self, path: &str) -> Route {
@@ -60,6 +78,8 @@ impl App {
             Route::offramp
         } else if Api::owns(&self.api_prefix, path) {
             Route::api
+        } else if !self.webhook_path.is_empty() && path == self.webhook_path {
+            Route::webhook
         } else {
             Route::proxy
         }
@@ -80,6 +100,15 @@ impl App {
             return GatewayError::HeadersTooLarge.into_response(req.headers());
         }
         match route {
+            // Only the gateway may deliver events to the app: a client asking for the
+            // delivery endpoint (in any spelling the app might route the same) gets 404.
+            Route::proxy if reserved(&self.forward_path, req.uri().path()) => {
+                GatewayError::NotFound.into_response(req.headers())
+            }
+            Route::webhook => match &self.webhooks {
+                Some(receiver) => receiver.handle(req, client, conn.peer.ip()).await,
+                None => GatewayError::NotFound.into_response(req.headers()),
+            },
             Route::proxy => {
                 // Only what error rendering needs: no copy of the whole header map per request.
                 let json = crate::error::wants_json(req.headers());
@@ -150,6 +179,59 @@ impl Handler for App {
 
 use crate::forwarding::X_REQUEST_ID;
 
+/// Whether `path` names `forward_path` (`""` = nothing reserved): the same path after
+/// percent-decoding, ASCII case folding, `\` as `/`, empty and `.` segments dropped and
+/// `..` applied, or anything under it, since app routers often treat those alike.
+fn reserved(forward_path: &str, path: &str) -> bool {
+    if forward_path.is_empty() {
+        return false;
+    }
+    let p = canonical(&percent_decode(path));
+    let f = canonical(forward_path.as_bytes());
+    p == f
+        || p.strip_prefix(f.as_slice())
+            .is_some_and(|rest| rest.starts_with(b"/"))
+}
+
+fn canonical(path: &[u8]) -> Vec<u8> {
+    let lower = path.to_ascii_lowercase();
+    let mut segments: Vec<&[u8]> = Vec::new();
+    for segment in lower.split(|&b| b == b'/' || b == b'\\') {
+        match segment {
+            b"" | b"." => {}
+            b".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = Vec::with_capacity(path.len());
+    for s in segments {
+        out.push(b'/');
+        out.extend_from_slice(s);
+    }
+    out
+}
+
+fn percent_decode(path: &str) -> Vec<u8> {
+    let b = path.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
 /// The request id: the one a trusted proxy already assigned (if well-formed), else a
 /// fresh random 128-bit hex id. A client-chosen id from an untrusted peer is replaced,
 /// so nobody can forge or collide ids in the app's logs.
@@ -183,6 +265,28 @@ fn header_bytes<B>(req: &Request<B>) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forward_path_is_reserved_in_every_spelling() {
+        for p in [
+            "/onramp-events",
+            "/onramp-events/",
+            "/ONRAMP-events",
+            "/onramp%2Devents",
+            "/onramp-events/x",
+            "//onramp-events",
+            "/x/../onramp-events",
+            "/./onramp-events",
+            "\\onramp-events",
+            "/a/%2e%2e/onramp-events",
+        ] {
+            assert!(reserved("/onramp-events", p), "{p}");
+        }
+        for p in ["/onramp-eventsx", "/onramp", "/", "/onramp-event%"] {
+            assert!(!reserved("/onramp-events", p), "{p}");
+        }
+        assert!(!reserved("", "/onramp-events"));
+    }
 
     #[test]
     fn request_ids() {

@@ -61,6 +61,8 @@ pub struct Prepared {
     pub cdp_key: Option<CdpKey>,
     /// The HS256 ticket key (`addresses.source = "ticket"`), read at start-up.
     pub ticket_secret: Option<TicketSecret>,
+    /// The webhook subscription secrets (`webhooks.path` set), read at start-up.
+    pub webhook_secrets: Option<crate::webhook::signature::WebhookSecrets>,
 }
 
 pub async fn run(prepared: Prepared) -> Result<(), StartError> {
@@ -69,6 +71,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         certs,
         cdp_key,
         ticket_secret,
+        webhook_secrets,
     } = prepared;
     let c = &settings.config;
     tracing::info!(
@@ -133,6 +136,8 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         },
         connections.clone(),
     );
+    let webhooks = webhook_secrets
+        .map(|secrets| build_webhooks(&settings, secrets, redis.clone(), metrics.clone()));
     let minter = match cdp_key {
         Some(key) => {
             let tickets =
@@ -156,7 +161,8 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         )?),
         _ => None,
     };
-    let app = Arc::new(App::new(&settings, metrics.clone(), proxy, minter, api));
+    let app =
+        Arc::new(App::new(&settings, metrics.clone(), proxy, minter, api).with_webhooks(webhooks));
 
     // Bind everything first: a port in use fails start-up before anything is served.
     let https = bind("server.listen", settings.listen).await?;
@@ -404,6 +410,31 @@ fn build_tickets(
         None => Arc::new(MemoryReplayGuard::new(rl.max_keys)),
     };
     TicketVerifier::new(secret, settings.config.addresses.ticket_max_age_s, replay)
+}
+
+/// The webhook receiver; delivery ids in the ticket replay store's kind of store (Redis
+/// with that backend, under their own key prefix; else memory, bounded by `max_keys`).
+fn build_webhooks(
+    settings: &Settings,
+    secrets: crate::webhook::signature::WebhookSecrets,
+    redis: Option<ConnectionManager>,
+    metrics: Arc<Metrics>,
+) -> crate::webhook::WebhookReceiver {
+    let rl = &settings.config.rate_limit;
+    let seen: Arc<dyn ReplayGuard> = match redis {
+        Some(connection) => Arc::new(RedisReplayGuard::new(
+            connection,
+            &format!("{}webhook:", rl.redis_key_prefix),
+        )),
+        None => Arc::new(MemoryReplayGuard::new(rl.max_keys)),
+    };
+    tracing::info!(
+        path = %settings.config.webhooks.path,
+        forward_path = %settings.config.webhooks.forward_path,
+        secrets = secrets.len(),
+        "webhook receiver enabled"
+    );
+    crate::webhook::WebhookReceiver::new(settings, secrets, seen, metrics)
 }
 
 /// The token-minting side: CDP client, per-IP rate limiter, validation rules.

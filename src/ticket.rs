@@ -131,6 +131,10 @@ pub trait ReplayGuard: Send + Sync + 'static {
     /// seconds) is when it may be forgotten.
     fn first_use(&self, jti: &str, exp: u64, now: u64)
         -> BoxFuture<'_, Result<bool, LimiterError>>;
+
+    /// Forgets `jti` again. Tickets never do; a webhook delivery the app did not take is
+    /// forgotten so Coinbase's retry is forwarded, not answered as a duplicate.
+    fn forget(&self, jti: &str) -> BoxFuture<'_, Result<(), LimiterError>>;
 }
 
 /// In-process replay guard: `jti → exp`, expired entries purged when the map reaches
@@ -179,6 +183,14 @@ impl ReplayGuard for MemoryReplayGuard {
     ) -> BoxFuture<'_, Result<bool, LimiterError>> {
         Box::pin(std::future::ready(self.record(jti, exp, now)))
     }
+
+    fn forget(&self, jti: &str) -> BoxFuture<'_, Result<(), LimiterError>> {
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(jti);
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 /// Replay guard in Redis: `SET {prefix}jti:{jti} 1 NX PX <until exp>`; shared by replicas.
@@ -219,6 +231,18 @@ impl ReplayGuard for RedisReplayGuard {
             )
             .await?;
             Ok(reply.is_some())
+        })
+    }
+
+    fn forget(&self, jti: &str) -> BoxFuture<'_, Result<(), LimiterError>> {
+        let key = format!("{}jti:{jti}", self.prefix);
+        let mut connection = self.connection.clone();
+        Box::pin(async move {
+            let _: i64 = crate::ratelimit::redis::bounded(
+                redis::cmd("DEL").arg(&key).query_async(&mut connection),
+            )
+            .await?;
+            Ok(())
         })
     }
 }

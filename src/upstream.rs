@@ -109,6 +109,8 @@ impl UploadState {
 /// A request body on its way to the app.
 pub struct UpstreamBody {
     inner: Option<Incoming>,
+    /// A body already in memory (a verified webhook delivery), sent as one frame.
+    buffered: Option<Bytes>,
     state: Arc<UploadState>,
     idle: Duration,
     stall: Option<Pin<Box<Sleep>>>,
@@ -123,6 +125,7 @@ impl UpstreamBody {
         state.mark_sent();
         Self {
             inner: None,
+            buffered: None,
             state,
             idle: Duration::MAX,
             stall: None,
@@ -139,12 +142,20 @@ impl UpstreamBody {
         }
         Self {
             inner: Some(body),
+            buffered: None,
             state,
             idle,
             stall: None,
             stall_armed: false,
             hold,
         }
+    }
+
+    /// `bytes`, already received in full (nothing can stall it).
+    pub fn full(bytes: Bytes) -> Self {
+        let mut body = Self::empty();
+        body.buffered = (!bytes.is_empty()).then_some(bytes);
+        body
     }
 
     pub fn state(&self) -> Arc<UploadState> {
@@ -169,6 +180,9 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if let Some(bytes) = this.buffered.take() {
+            return Poll::Ready(Some(Ok(Frame::data(bytes))));
+        }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
@@ -218,10 +232,13 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.buffered.is_none() && self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(bytes) = &self.buffered {
+            return SizeHint::with_exact(bytes.len() as u64);
+        }
         self.inner
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)

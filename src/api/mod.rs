@@ -11,6 +11,10 @@
 //!   `GET /onramp/v1/{buy|sell}/user/{partnerUserRef}/transactions`, `partnerUserRef` only
 //!   from the app context or the ticket.
 //!
+//! - `POST {prefix}/orders`, `GET {prefix}/orders/{orderId}` (`orders.enabled`):
+//!   headless Apple Pay / Google Pay orders ([`orders`]), the buyer's identity only from
+//!   the app context or the ticket.
+//!
 //! Every endpoint passes the same gate as the minting routes (cross-site refusal, CORS),
 //! then its own per-IP bucket (`api.requests_per_minute`/`api.burst`). Answers are
 //! camelCase ([`camel`]); errors are problem+json with an `error` member.
@@ -18,6 +22,7 @@
 //! misses), so CDP is asked at most once per key per `cache_s`.
 
 pub mod camel;
+pub mod orders;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -40,7 +45,7 @@ use crate::metrics::Metrics;
 use crate::mint::{Input, Known, Minter, Purpose};
 use crate::onramp::address;
 use crate::onramp::request::{ClientInput, Flow};
-use crate::onramp::session_v2::{PAY_HOST, PAY_SANDBOX_HOST};
+use crate::onramp::session_v2::is_coinbase_pay_url;
 use crate::ratelimit::{response_headers, RateLimiter};
 
 /// Quote bodies are a few hundred bytes.
@@ -66,6 +71,10 @@ pub struct Api {
     blockchains: Vec<String>,
     sandbox: bool,
     metrics: Arc<Metrics>,
+    /// `orders.enabled`, `orders.domain`, and where v2 lives.
+    orders: bool,
+    orders_domain: String,
+    platform_base: Url,
 }
 
 /// The `[api]` endpoints.
@@ -75,6 +84,8 @@ enum Endpoint {
     BuyOptions,
     BuyQuote,
     Transactions,
+    CreateOrder,
+    GetOrder,
 }
 
 impl Api {
@@ -105,6 +116,9 @@ impl Api {
             blockchains: settings.config.onramp.blockchains.clone(),
             sandbox: settings.config.onramp.sandbox,
             metrics,
+            orders: settings.config.orders.enabled,
+            orders_domain: settings.config.orders.domain.clone(),
+            platform_base: settings.cdp_platform_base.clone(),
         }
     }
 
@@ -122,6 +136,8 @@ impl Api {
             Some("/buy-options") => Some(Endpoint::BuyOptions),
             Some("/buy-quote") => Some(Endpoint::BuyQuote),
             Some("/transactions") => Some(Endpoint::Transactions),
+            Some("/orders") if self.orders => Some(Endpoint::CreateOrder),
+            Some(p) if self.orders && p.starts_with("/orders/") => Some(Endpoint::GetOrder),
             _ => None,
         };
         let (outcome, origin) = match self.gate.admit(&req, &self.metrics) {
@@ -150,7 +166,7 @@ impl Api {
         let Some(endpoint) = endpoint else {
             return Err(GatewayError::NotFound);
         };
-        let method = if endpoint == Endpoint::BuyQuote {
+        let method = if matches!(endpoint, Endpoint::BuyQuote | Endpoint::CreateOrder) {
             Method::POST
         } else {
             Method::GET
@@ -174,6 +190,20 @@ impl Api {
                 self.quote(&parts.headers, body, client.ip).await
             }
             Endpoint::Transactions => self.transactions(&parts.headers, &query, client.ip).await,
+            Endpoint::CreateOrder => {
+                let body = read_json(&parts, body).await?;
+                self.create_order(&parts.headers, body, client.ip).await
+            }
+            Endpoint::GetOrder => {
+                let id = parts
+                    .uri
+                    .path()
+                    .strip_prefix(self.prefix.as_str())
+                    .and_then(|p| p.strip_prefix("/orders/"))
+                    .unwrap_or_default()
+                    .to_string();
+                self.get_order(&parts.headers, &id, &query, client.ip).await
+            }
         }
     }
 
@@ -266,7 +296,7 @@ impl Api {
                 {
                     Known::Relay(r) => return Ok(r),
                     Known::Browser => None,
-                    Known::App(request) => Some(
+                    Known::App(request, _) => Some(
                         request
                             .addresses
                             .iter()
@@ -324,11 +354,7 @@ impl Api {
     }
 
     fn coinbase_url(&self, u: &Url) -> bool {
-        let host = u.host_str().unwrap_or_default();
-        u.scheme() == "https"
-            && u.port().is_none()
-            && u.username().is_empty()
-            && (host == PAY_HOST || (self.sandbox && host == PAY_SANDBOX_HOST))
+        is_coinbase_pay_url(u, self.sandbox)
     }
 
     async fn transactions(
@@ -357,7 +383,7 @@ impl Api {
         {
             Known::Relay(r) => return Ok(r),
             Known::Browser => None,
-            Known::App(request) => request
+            Known::App(request, _) => request
                 .presets
                 .into_iter()
                 .find(|(k, _)| k == "partnerUserRef")
@@ -394,6 +420,126 @@ impl Api {
         Ok(json_response(
             StatusCode::OK,
             Bytes::from(camel::camel_case(answer).to_string()),
+        ))
+    }
+}
+
+impl Api {
+    /// `POST {prefix}/orders`: what to buy from the browser, who buys from the app.
+    async fn create_order(
+        &self,
+        headers: &HeaderMap,
+        body: Map<String, Value>,
+        ip: IpAddr,
+    ) -> Result<Response<ResponseBody>, GatewayError> {
+        let q = orders::OrderRequest::parse(&body, &self.blockchains)
+            .map_err(GatewayError::BadRequest)?;
+        let input = Input::Json(Bytes::from(Value::Object(body).to_string()));
+        let (request, app) = match self
+            .minter
+            .known(
+                headers,
+                &input,
+                Purpose::Mint(Flow::Onramp),
+                ip,
+                ClientInput::None,
+            )
+            .await?
+        {
+            Known::Relay(r) => return Ok(r),
+            Known::Browser => {
+                return Err(GatewayError::NoAppIdentity(
+                    "headless orders need the buyer's identity from the application",
+                ))
+            }
+            Known::App(request, app) => (request, app),
+        };
+        let buyer = orders::Buyer::from_app(&request, &app, &q.destination_network, self.sandbox)
+            .map_err(GatewayError::NoAppIdentity)?;
+        // It creates a payment session: the minting buckets apply too.
+        self.minter.rate_limit(ip).await?;
+        let client_ip = self.minter.cdp_client_ip(ip).to_string();
+        let cdp_body = orders::order_body(&q, &buyer, &client_ip, &self.orders_domain);
+        let url = self
+            .platform_base
+            .join(orders::ORDERS_PATH)
+            .map_err(|_| GatewayError::CdpUnavailable)?;
+        let (answer, took) = self
+            .minter
+            .cdp()
+            .call_json(Method::POST, &url, Some(&cdp_body))
+            .await
+            .map_err(|e| crate::cdp::failure(e, "order", crate::cdp::Rejections::BuyerPassedOn))?;
+        self.metrics
+            .cdp_request_duration
+            .observe(took.as_secs_f64());
+        let out = orders::order_answer(&answer, q.payment_method, self.sandbox).map_err(|m| {
+            tracing::warn!(problem = %m, "CDP order answer refused");
+            GatewayError::CdpUnavailable
+        })?;
+        Ok(json_response(
+            StatusCode::CREATED,
+            Bytes::from(out.to_string()),
+        ))
+    }
+
+    /// `GET {prefix}/orders/{orderId}`: the order, only for the user it belongs to; any
+    /// other (or unknown) order is `404`, so ids of other users' orders reveal nothing.
+    async fn get_order(
+        &self,
+        headers: &HeaderMap,
+        id: &str,
+        query: &str,
+        ip: IpAddr,
+    ) -> Result<Response<ResponseBody>, GatewayError> {
+        if !orders::is_order_id(id) {
+            return Err(GatewayError::NotFound);
+        }
+        let input = Input::Query(query.to_string());
+        let caller = match self
+            .minter
+            .known(
+                headers,
+                &input,
+                Purpose::Identity(Flow::Onramp),
+                ip,
+                ClientInput::None,
+            )
+            .await?
+        {
+            Known::Relay(r) => return Ok(r),
+            Known::Browser => None,
+            Known::App(request, _) => orders::partner_user_ref(&request, self.sandbox),
+        }
+        .ok_or(GatewayError::NoAppIdentity(
+            "the application named no partnerUserRef for this user",
+        ))?;
+        let url = self
+            .platform_base
+            .join(&format!("{}/{id}", orders::ORDERS_PATH))
+            .map_err(|_| GatewayError::CdpUnavailable)?;
+        let answer = match self.minter.cdp().call_json(Method::GET, &url, None).await {
+            Ok((answer, took)) => {
+                self.metrics
+                    .cdp_request_duration
+                    .observe(took.as_secs_f64());
+                answer
+            }
+            Err(crate::cdp::client::CdpError::Rejected { status: 404, .. }) => {
+                return Err(GatewayError::NotFound)
+            }
+            Err(e) => {
+                return Err(crate::cdp::failure(
+                    e,
+                    "order",
+                    crate::cdp::Rejections::BuyerPassedOn,
+                ))
+            }
+        };
+        let order = orders::owned_order(&answer, &caller).ok_or(GatewayError::NotFound)?;
+        Ok(json_response(
+            StatusCode::OK,
+            Bytes::from(order.to_string()),
         ))
     }
 }

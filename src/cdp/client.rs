@@ -250,9 +250,23 @@ impl CdpClient {
             return Ok(bytes);
         }
         match status.as_u16() {
-            429 => Err(CdpError::RateLimited {
-                retry_after: retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
-            }),
+            // A buyer's own limit (headless orders: `guest_transaction_limit`, ...) is a
+            // refusal to show the user, not the API rate limit to back off from.
+            429 => match ErrorBody::parse(&bytes) {
+                ErrorBody {
+                    message,
+                    error_type: Some(t),
+                    correlation_id,
+                } if super::is_buyer_error(&t) => Err(CdpError::Rejected {
+                    status: 429,
+                    message,
+                    error_type: Some(t),
+                    correlation_id,
+                }),
+                _ => Err(CdpError::RateLimited {
+                    retry_after: retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
+                }),
+            },
             s if s >= 500 => Err(CdpError::ServerError { status: s }),
             s => {
                 let e = ErrorBody::parse(&bytes);

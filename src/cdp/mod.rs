@@ -19,6 +19,18 @@ pub enum Rejections {
     /// network, address), passed on as `400` with `errorType`/`errorMessage`; `401`,
     /// `403`, `404` and the rest are the gateway's configuration: `502`.
     BadRequestPassedOn,
+    /// Headless orders: as [`BadRequestPassedOn`](Self::BadRequestPassedOn), and the
+    /// buyer's own refusals ([`is_buyer_error`]: `guest_*`, `otp_*`) reach the client with
+    /// `errorType` kept, as `429` when Coinbase said `429` (a weekly or lifetime limit),
+    /// else `400` (e.g. `otp_verification_not_found`, a `404`).
+    BuyerPassedOn,
+}
+
+/// v2 error types about the buyer rather than the request or the gateway's key.
+pub fn is_buyer_error(error_type: &str) -> bool {
+    error_type.starts_with("guest_")
+        || error_type.starts_with("otp_")
+        || error_type == "phone_number_verification_expired"
 }
 
 /// Logs a failed CDP call (status, message, v2 `correlationId`; never the JWT) and maps
@@ -47,11 +59,29 @@ pub fn failure(e: CdpError, what: &'static str, rejections: Rejections) -> Gatew
         CdpError::Busy { .. } => GatewayError::CdpBusy,
         CdpError::RateLimited { retry_after } => GatewayError::CdpRateLimited { retry_after },
         CdpError::Rejected {
+            status,
+            message,
+            error_type: Some(error_type),
+            ..
+        } if rejections == Rejections::BuyerPassedOn && is_buyer_error(&error_type) => {
+            if status == 429 {
+                GatewayError::CdpBuyerLimited {
+                    error_type,
+                    message,
+                }
+            } else {
+                GatewayError::CdpInvalidRequest {
+                    error_type,
+                    message,
+                }
+            }
+        }
+        CdpError::Rejected {
             status: 400,
             message,
             error_type,
             ..
-        } if rejections == Rejections::BadRequestPassedOn => GatewayError::CdpInvalidRequest {
+        } if rejections != Rejections::Hidden => GatewayError::CdpInvalidRequest {
             error_type: error_type.unwrap_or_else(|| "invalid_request".into()),
             message,
         },
@@ -60,5 +90,66 @@ pub fn failure(e: CdpError, what: &'static str, rejections: Rejections) -> Gatew
         | CdpError::ServerError { .. }
         | CdpError::BadResponse(_)
         | CdpError::Jwt(_) => GatewayError::CdpUnavailable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejected(status: u16, error_type: &str) -> CdpError {
+        CdpError::Rejected {
+            status,
+            message: "m".into(),
+            error_type: Some(error_type.into()),
+            correlation_id: None,
+        }
+    }
+
+    #[test]
+    fn buyer_errors_keep_their_type_only_for_orders() {
+        let e = failure(
+            rejected(429, "guest_transaction_limit"),
+            "t",
+            Rejections::BuyerPassedOn,
+        );
+        assert_eq!(e.status(), 429);
+        assert!(
+            matches!(e, GatewayError::CdpBuyerLimited { ref error_type, .. } if error_type == "guest_transaction_limit")
+        );
+        let e = failure(
+            rejected(404, "otp_verification_not_found"),
+            "t",
+            Rejections::BuyerPassedOn,
+        );
+        assert_eq!(e.status(), 400);
+        let e = failure(
+            rejected(400, "guest_region_forbidden"),
+            "t",
+            Rejections::BuyerPassedOn,
+        );
+        assert!(
+            matches!(e, GatewayError::CdpInvalidRequest { ref error_type, .. } if error_type == "guest_region_forbidden")
+        );
+        let e = failure(
+            rejected(400, "invalid_request"),
+            "t",
+            Rejections::BuyerPassedOn,
+        );
+        assert_eq!(e.status(), 400);
+        let e = failure(
+            rejected(403, "unauthorized"),
+            "t",
+            Rejections::BuyerPassedOn,
+        );
+        assert_eq!(e.status(), 502);
+        let e = failure(
+            rejected(429, "guest_transaction_limit"),
+            "t",
+            Rejections::BadRequestPassedOn,
+        );
+        assert_eq!(e.status(), 502);
+        let e = failure(rejected(400, "invalid_request"), "t", Rejections::Hidden);
+        assert_eq!(e.status(), 502);
     }
 }

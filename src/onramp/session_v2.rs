@@ -161,6 +161,18 @@ pub struct Session {
     pub quote: Option<Value>,
 }
 
+/// Whether `u` is Coinbase's payment host (`https://pay.coinbase.com`, or the sandbox
+/// host with `sandbox`), with no port and no userinfo: the one check before any URL from
+/// a CDP answer is handed to a browser (redirect, quote `onrampUrl`, order payment link).
+pub fn is_coinbase_pay_url(u: &Url, sandbox: bool) -> bool {
+    let host = u.host_str().unwrap_or_default();
+    u.scheme() == "https"
+        && u.port().is_none()
+        && u.username().is_empty()
+        && u.password().is_none()
+        && (host == PAY_HOST || (sandbox && host == PAY_SANDBOX_HOST))
+}
+
 /// Checks `{session:{onrampUrl}, quote?}`. With `sandbox`, a `pay.coinbase.com` URL is
 /// rewritten to `pay-sandbox.coinbase.com`. Anything else is an error (`502`).
 pub fn parse_session(answer: &Value, sandbox: bool) -> Result<Session, String> {
@@ -171,13 +183,7 @@ pub fn parse_session(answer: &Value, sandbox: bool) -> Result<Session, String> {
         .ok_or("no session.onrampUrl in the answer")?;
     let mut url = Url::parse(raw).map_err(|_| "session.onrampUrl is not a URL")?;
     let host = url.host_str().unwrap_or_default().to_string();
-    let host_ok = host == PAY_HOST || (sandbox && host == PAY_SANDBOX_HOST);
-    if url.scheme() != "https"
-        || !host_ok
-        || url.port().is_some()
-        || !url.username().is_empty()
-        || url.password().is_some()
-    {
+    if !is_coinbase_pay_url(&url, sandbox) {
         return Err(format!(
             "session.onrampUrl points to {}://{host}, not https://{}",
             url.scheme(),

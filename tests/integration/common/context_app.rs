@@ -9,6 +9,10 @@
 //! - [`ContextApp::set_broken`] makes the context route answer `500` (the gateway must
 //!   then answer `502`, not relay the app's error page).
 //!
+//! - [`ContextApp::set_identity`] adds the buyer identity headless orders need (`email`,
+//!   `phoneNumber`, `phoneNumberVerifiedAt`, `agreementAcceptedAt`) to the answer; a
+//!   second user, `bob` (`Cookie: session=bob`), exists for ownership checks.
+//!
 //! Every request is recorded (path and headers) so tests can check what the gateway sent.
 //! Any other path answers `200 app page` with `x-upstream: context-app`.
 
@@ -32,6 +36,14 @@ pub const CONTEXT_PATH: &str = "/.well-known/onramp-context";
 pub const APP_ADDRESS: &str = "0xa11ce00000000000000000000000000000000a11";
 /// The cookie that makes the app see a signed-in user (`alice`).
 pub const SESSION_COOKIE: &str = "session=alice";
+/// The second user's cookie and wallet.
+pub const BOB_COOKIE: &str = "session=bob";
+pub const BOB_ADDRESS: &str = "0xb0b0000000000000000000000000000000000b0b";
+/// Alice's verified contact data, as the app holds it (with `set_identity(true)`).
+pub const ALICE_EMAIL: &str = "alice@example.com";
+pub const ALICE_PHONE: &str = "+12125550123";
+pub const VERIFIED_AT: &str = "2026-11-30T10:00:00Z";
+
 /// Body of the app's 401, to prove it was relayed byte for byte.
 pub const LOGIN_REQUIRED_BODY: &str = "context-app: login required";
 /// Where the app's 302 sends an anonymous user.
@@ -57,6 +69,7 @@ pub struct SeenRequest {
 struct State {
     anonymous: Anonymous,
     broken: bool,
+    identity: bool,
     seen: Vec<SeenRequest>,
 }
 
@@ -77,6 +90,7 @@ impl ContextApp {
         let state = Arc::new(Mutex::new(State {
             anonymous,
             broken: false,
+            identity: false,
             seen: Vec::new(),
         }));
         let shared = state.clone();
@@ -105,6 +119,11 @@ impl ContextApp {
     /// Make the context route answer `500`.
     pub fn set_broken(&self, broken: bool) {
         self.lock().broken = broken;
+    }
+
+    /// Include the buyer identity fields in the context answer.
+    pub fn set_identity(&self, on: bool) {
+        self.lock().identity = on;
     }
 
     /// Requests received so far, oldest first.
@@ -137,13 +156,13 @@ async fn handle(
     state: Arc<Mutex<State>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_string();
-    let (anonymous, broken) = {
+    let (anonymous, broken, identity) = {
         let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
         s.seen.push(SeenRequest {
             path: path.clone(),
             headers: req.headers().clone(),
         });
-        (s.anonymous, s.broken)
+        (s.anonymous, s.broken, s.identity)
     };
     if path != CONTEXT_PATH {
         return Ok(response(StatusCode::OK, "text/plain", "app page".into()));
@@ -155,19 +174,33 @@ async fn handle(
             "<h1>context-app exploded</h1>".into(),
         ));
     }
-    let signed_in = req
-        .headers()
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .any(|c| c.trim() == SESSION_COOKIE);
-    if signed_in {
-        let body = json!({
-            "addresses": [{"address": APP_ADDRESS, "blockchains": ["base"]}],
+    let has_cookie = |cookie: &str| {
+        req.headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .any(|c| c.trim() == cookie)
+    };
+    let user = if has_cookie(SESSION_COOKIE) {
+        Some(("alice", APP_ADDRESS, ALICE_EMAIL, ALICE_PHONE))
+    } else if has_cookie(BOB_COOKIE) {
+        Some(("bob", BOB_ADDRESS, "bob@example.com", "+12125550199"))
+    } else {
+        None
+    };
+    if let Some((name, address, email, phone)) = user {
+        let mut body = json!({
+            "addresses": [{"address": address, "blockchains": ["base"]}],
             "assets": ["USDC"],
-            "partnerUserRef": "alice",
+            "partnerUserRef": name,
         });
+        if identity {
+            body["email"] = json!(email);
+            body["phoneNumber"] = json!(phone);
+            body["phoneNumberVerifiedAt"] = json!(VERIFIED_AT);
+            body["agreementAcceptedAt"] = json!(VERIFIED_AT);
+        }
         return Ok(response(
             StatusCode::OK,
             "application/json",

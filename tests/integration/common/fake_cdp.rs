@@ -48,6 +48,10 @@ pub const TOKEN_PATH: &str = "/onramp/v1/token";
 /// v2 Create Onramp Session, under the `/platform` prefix the gateway is configured with
 /// (`cdp.platform_base = <api_base>/platform`).
 pub const SESSIONS_PATH: &str = "/platform/v2/onramp/sessions";
+/// v2 Create Onramp Order (headless Apple Pay / Google Pay); `GET {ORDERS_PATH}/{id}` reads one.
+pub const ORDERS_PATH: &str = "/platform/v2/onramp/orders";
+/// Webhook subscriptions (create with POST, list with GET).
+pub const SUBSCRIPTIONS_PATH: &str = "/platform/v2/data/webhooks/subscriptions";
 
 /// The endpoints the fake knows, each verified like the real API.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +63,14 @@ pub enum Endpoint {
     BuyQuote,
     /// `GET /onramp/v1/{buy|sell}/user/{ref}/transactions`
     Transactions,
+    /// `POST /platform/v2/onramp/orders`
+    Order,
+    /// `GET /platform/v2/onramp/orders/{orderId}`
+    GetOrder,
+    /// `POST /platform/v2/data/webhooks/subscriptions`
+    Subscribe,
+    /// `GET /platform/v2/data/webhooks/subscriptions`
+    ListSubscriptions,
 }
 
 fn endpoint_of(method: &http::Method, path: &str) -> Option<Endpoint> {
@@ -69,6 +81,16 @@ fn endpoint_of(method: &http::Method, path: &str) -> Option<Endpoint> {
         (&Method::GET, "/onramp/v1/buy/config") => Endpoint::BuyConfig,
         (&Method::GET, "/onramp/v1/buy/options") => Endpoint::BuyOptions,
         (&Method::POST, "/onramp/v1/buy/quote") => Endpoint::BuyQuote,
+        (&Method::POST, ORDERS_PATH) => Endpoint::Order,
+        (&Method::POST, SUBSCRIPTIONS_PATH) => Endpoint::Subscribe,
+        (&Method::GET, SUBSCRIPTIONS_PATH) => Endpoint::ListSubscriptions,
+        (&Method::GET, p) if p.starts_with(ORDERS_PATH) => {
+            let id = p.strip_prefix(ORDERS_PATH)?.strip_prefix('/')?;
+            if id.is_empty() || id.contains('/') {
+                return None;
+            }
+            Endpoint::GetOrder
+        }
         (&Method::GET, p) => {
             let rest = p
                 .strip_prefix("/onramp/v1/buy/user/")
@@ -328,6 +350,10 @@ struct Inner {
     nonces: HashSet<String>,
     issued: u64,
     reject_private_client_ip: bool,
+    /// Orders created (`orderId` → the `order` object), for `GET /orders/{id}`.
+    orders: std::collections::HashMap<String, Value>,
+    /// Webhook subscriptions created, as CDP stores them (with their secret).
+    subscriptions: Vec<Value>,
 }
 
 struct State {
@@ -447,6 +473,22 @@ impl FakeCdp {
             "fake CDP rejected {} request(s): {failures:#?}",
             failures.len()
         );
+    }
+
+    /// Secrets of the webhook subscriptions created, oldest first.
+    pub fn subscription_secrets(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .subscriptions
+            .iter()
+            .filter_map(|s| s["secret"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// Stores an order as if another user had created it (for ownership checks).
+    pub fn insert_order(&self, order: Value) {
+        let id = order["orderId"].as_str().unwrap_or_default().to_string();
+        self.state.lock().orders.insert(id, order);
     }
 
     /// Session tokens handed out, oldest first.
@@ -616,6 +658,114 @@ fn check_other(
     };
     match e {
         Endpoint::Token => Ok(()),
+        Endpoint::Order => {
+            let m = json_body()?;
+            only(
+                &m,
+                &[
+                    "paymentAmount",
+                    "purchaseAmount",
+                    "paymentCurrency",
+                    "purchaseCurrency",
+                    "paymentMethod",
+                    "destinationAddress",
+                    "destinationNetwork",
+                    "partnerUserRef",
+                    "partnerOrderRef",
+                    "email",
+                    "phoneNumber",
+                    "phoneNumberVerifiedAt",
+                    "agreementAcceptedAt",
+                    "clientIp",
+                    "domain",
+                ],
+                &[
+                    "paymentCurrency",
+                    "purchaseCurrency",
+                    "paymentMethod",
+                    "destinationAddress",
+                    "destinationNetwork",
+                    "partnerUserRef",
+                ],
+            )?;
+            if m.contains_key("paymentAmount") == m.contains_key("purchaseAmount") {
+                return Err("exactly one of paymentAmount and purchaseAmount".into());
+            }
+            if !matches!(
+                m["paymentMethod"].as_str(),
+                Some("GUEST_CHECKOUT_APPLE_PAY" | "GUEST_CHECKOUT_GOOGLE_PAY")
+            ) {
+                return Err(format!(
+                    "paymentMethod {} is not a guest checkout method",
+                    m["paymentMethod"]
+                ));
+            }
+            // Headless mode: the contact data and its verification are enforced.
+            if m.contains_key("email") || m.contains_key("phoneNumber") {
+                for r in [
+                    "email",
+                    "phoneNumber",
+                    "phoneNumberVerifiedAt",
+                    "agreementAcceptedAt",
+                ] {
+                    if !m.contains_key(r) {
+                        return Err(format!("headless order without {r}"));
+                    }
+                }
+            }
+            Ok(())
+        }
+        Endpoint::Subscribe => {
+            let m = json_body()?;
+            for k in m.keys() {
+                if ![
+                    "description",
+                    "eventTypes",
+                    "target",
+                    "labels",
+                    "metadata",
+                    "isEnabled",
+                ]
+                .contains(&k.as_str())
+                {
+                    return Err(format!("unexpected body field {k:?}"));
+                }
+            }
+            let events = m
+                .get("eventTypes")
+                .and_then(Value::as_array)
+                .ok_or("eventTypes must be an array")?;
+            if events.is_empty() || !events.iter().all(Value::is_string) {
+                return Err("eventTypes must be a non-empty array of strings".into());
+            }
+            if m.get("target")
+                .and_then(|t| t.get("url"))
+                .and_then(Value::as_str)
+                .is_none()
+            {
+                return Err("target.url is required".into());
+            }
+            if !m.get("isEnabled").is_some_and(Value::is_boolean) {
+                return Err("isEnabled must be a boolean".into());
+            }
+            Ok(())
+        }
+        Endpoint::GetOrder | Endpoint::ListSubscriptions => {
+            if !raw.is_empty() {
+                return Err("a GET carries no body".into());
+            }
+            let allowed: &[&str] = if e == Endpoint::GetOrder {
+                &[]
+            } else {
+                &["pageSize", "pageToken"]
+            };
+            for (k, _) in &params {
+                if !allowed.contains(&k.as_str()) {
+                    return Err(format!("unexpected query parameter {k:?}"));
+                }
+            }
+            Ok(())
+        }
         Endpoint::Session => {
             let m = json_body()?;
             only(
@@ -767,7 +917,85 @@ fn answer_other(e: Option<Endpoint>, body: &Value, path: &str, token: &str) -> (
                     "next_page_key": "", "total_count": "1"}),
             )
         }
-        Some(Endpoint::Token) | None => (404, json!({})),
+        Some(
+            Endpoint::Token
+            | Endpoint::Order
+            | Endpoint::GetOrder
+            | Endpoint::Subscribe
+            | Endpoint::ListSubscriptions,
+        )
+        | None => (404, json!({})),
+    }
+}
+
+/// Answers of the endpoints that remember what they created (orders, subscriptions).
+fn answer_stateful(
+    inner: &mut Inner,
+    e: Option<Endpoint>,
+    body: &Value,
+    path: &str,
+    token: &str,
+) -> Option<(u16, Value)> {
+    match e? {
+        Endpoint::Order => {
+            let apple = body["paymentMethod"] == "GUEST_CHECKOUT_APPLE_PAY";
+            let id = random_uuid();
+            let order = json!({
+                "orderId": id,
+                "paymentTotal": "101.50", "paymentSubtotal": "100.00",
+                "paymentCurrency": body["paymentCurrency"], "paymentMethod": body["paymentMethod"],
+                "purchaseAmount": body.get("purchaseAmount").cloned().unwrap_or(json!("99.8")),
+                "purchaseCurrency": body["purchaseCurrency"],
+                "fees": [{"feeType": "FEE_TYPE_NETWORK", "feeAmount": "0.01", "feeCurrency": "USD"}],
+                "exchangeRate": "1.0",
+                "destinationAddress": body["destinationAddress"],
+                "destinationNetwork": body["destinationNetwork"],
+                "status": "ONRAMP_ORDER_STATUS_PENDING_PAYMENT",
+                "createdAt": "2026-12-01T21:00:00Z", "updatedAt": "2026-12-01T21:00:00Z",
+                "partnerUserRef": body["partnerUserRef"],
+            });
+            inner.orders.insert(id, order.clone());
+            let (kind, link_type) = if apple {
+                ("apple-pay", "PAYMENT_LINK_TYPE_APPLE_PAY_BUTTON")
+            } else {
+                ("google-pay", "PAYMENT_LINK_TYPE_GOOGLE_PAY_BUTTON")
+            };
+            Some((
+                201,
+                json!({"order": order, "paymentLink": {
+                    "url": format!("https://pay.coinbase.com/v2/api-onramp/{kind}?sessionToken={token}"),
+                    "paymentLinkType": link_type}}),
+            ))
+        }
+        Endpoint::GetOrder => {
+            let id = path.rsplit('/').next().unwrap_or_default();
+            Some(match inner.orders.get(id) {
+                Some(order) => (200, json!({"order": order})),
+                None => (
+                    404,
+                    json!({"errorType": "not_found", "errorMessage": "Order not found"}),
+                ),
+            })
+        }
+        Endpoint::Subscribe => {
+            let sub = json!({
+                "subscriptionId": random_uuid(),
+                "eventTypes": body["eventTypes"],
+                "isEnabled": body["isEnabled"],
+                "secret": random_uuid(),
+                "target": body["target"],
+                "description": body.get("description").cloned().unwrap_or(Value::Null),
+                "createdAt": "2026-12-01T21:00:00Z",
+            });
+            inner.subscriptions.push(sub.clone());
+            Some((201, sub))
+        }
+        // The stored form, secret included: the CLI must not print it.
+        Endpoint::ListSubscriptions => Some((
+            200,
+            json!({"subscriptions": inner.subscriptions, "nextPageToken": ""}),
+        )),
+        _ => None,
     }
 }
 
@@ -842,7 +1070,16 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     );
     let (jwt_header, claims, auth_result) = check_auth(&state, &parts.headers, &expected_uri);
     let reject_private = state.lock().reject_private_client_ip;
-    let v2 = endpoint == Some(Endpoint::Session);
+    let v2 = matches!(
+        endpoint,
+        Some(
+            Endpoint::Session
+                | Endpoint::Order
+                | Endpoint::GetOrder
+                | Endpoint::Subscribe
+                | Endpoint::ListSubscriptions
+        )
+    );
 
     // Checks in the order the real API would apply them: route, then auth, then body.
     let failure: Option<(u16, i32, String)> = match endpoint {
@@ -894,8 +1131,14 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
                         inner.issued,
                         hex(&random_bytes::<8>())
                     );
-                    let (status, body) = answer_other(endpoint, &body_json, parts.uri.path(), &t);
-                    if endpoint == Some(Endpoint::Session) || body.get("onramp_url").is_some() {
+                    let (status, body) =
+                        answer_stateful(&mut inner, endpoint, &body_json, parts.uri.path(), &t)
+                            .unwrap_or_else(|| {
+                                answer_other(endpoint, &body_json, parts.uri.path(), &t)
+                            });
+                    if matches!(endpoint, Some(Endpoint::Session | Endpoint::Order))
+                        || body.get("onramp_url").is_some()
+                    {
                         token = Some(t);
                     }
                     (status, Some(json_response(status, body)))
