@@ -38,8 +38,6 @@ use crate::ticket::{self, TicketError, TicketVerifier};
 const MAX_BODY_BYTES: usize = 16 * 1024;
 /// The app's context answer is small too; a larger one is a misconfiguration.
 const MAX_CONTEXT_BYTES: usize = 64 * 1024;
-/// How long reading the (small) request body may take.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Minter {
     settings: Arc<Settings>,
@@ -436,48 +434,12 @@ async fn read_input(
         let query = parts.uri.query().unwrap_or("").to_string();
         return Ok((Input::Query(query), Answer::Redirect302));
     }
-    let content_type = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_default();
+    let content_type = crate::body::media_type(&parts.headers);
     let is_json = content_type == "application/json";
     if !is_json && content_type != "application/x-www-form-urlencoded" {
         return Err(GatewayError::UnsupportedMediaType);
     }
-    if parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|n| n > MAX_BODY_BYTES as u64)
-    {
-        return Err(GatewayError::PayloadTooLarge);
-    }
-    let collected = tokio::time::timeout(
-        BODY_READ_TIMEOUT,
-        Limited::new(body, MAX_BODY_BYTES).collect(),
-    )
-    .await;
-    let bytes = match collected {
-        Err(_) => {
-            return Err(GatewayError::BadRequest(
-                "body: not received in time".into(),
-            ))
-        }
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(GatewayError::PayloadTooLarge)
-        }
-        Ok(Err(_)) => return Err(GatewayError::BadRequest("body: could not be read".into())),
-        Ok(Ok(c)) => c.to_bytes(),
-    };
+    let bytes = crate::body::read_small(&parts.headers, body, MAX_BODY_BYTES).await?;
     if is_json {
         Ok((Input::Json(bytes), Answer::Json))
     } else {

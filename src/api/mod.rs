@@ -31,7 +31,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{json, Map, Value};
 use url::Url;
@@ -50,7 +49,6 @@ use crate::ratelimit::{response_headers, RateLimiter};
 
 /// Quote bodies are a few hundred bytes.
 const MAX_BODY_BYTES: usize = 16 * 1024;
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Distinct cached answers held at most (one per normalised options query).
 const CACHE_ENTRIES: u64 = 1024;
 
@@ -562,33 +560,10 @@ async fn read_json(
     parts: &http::request::Parts,
     body: Incoming,
 ) -> Result<Map<String, Value>, GatewayError> {
-    let content_type = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(|v| v.trim().to_ascii_lowercase())
-        .unwrap_or_default();
-    if content_type != "application/json" {
+    if crate::body::media_type(&parts.headers) != "application/json" {
         return Err(GatewayError::UnsupportedMediaType);
     }
-    let collected = tokio::time::timeout(
-        BODY_READ_TIMEOUT,
-        Limited::new(body, MAX_BODY_BYTES).collect(),
-    )
-    .await;
-    let bytes = match collected {
-        Err(_) => {
-            return Err(GatewayError::BadRequest(
-                "body: not received in time".into(),
-            ))
-        }
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(GatewayError::PayloadTooLarge)
-        }
-        Ok(Err(_)) => return Err(GatewayError::BadRequest("body: could not be read".into())),
-        Ok(Ok(c)) => c.to_bytes(),
-    };
+    let bytes = crate::body::read_small(&parts.headers, body, MAX_BODY_BYTES).await?;
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(m)) => Ok(m),
         _ => Err(GatewayError::BadRequest(

@@ -21,7 +21,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::body::{full, ResponseBody};
@@ -47,8 +46,6 @@ pub const EVENT_TYPES: [&str; 8] = [
 ];
 /// Coinbase's payloads are a few KiB; larger is not a transaction event.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-/// How long reading a delivery's body may take.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The delivery id header (Hook0's).
 const DELIVERY_ID: &str = "x-hook0-id";
 /// Longest delivery id remembered (keeps replay keys small).
@@ -141,7 +138,7 @@ impl WebhookReceiver {
             );
         }
         let (parts, body) = req.into_parts();
-        let body = match read_body(&parts.headers, body).await {
+        let body = match crate::body::read_small(&parts.headers, body, MAX_BODY_BYTES).await {
             Ok(b) => b,
             Err(e) => return ("other", fail(e, "bad_body")),
         };
@@ -269,32 +266,6 @@ fn event_type(body: &[u8]) -> Option<String> {
                 && t.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         })
-}
-
-async fn read_body(headers: &HeaderMap, body: Incoming) -> Result<Bytes, GatewayError> {
-    if headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|n| n > MAX_BODY_BYTES as u64)
-    {
-        return Err(GatewayError::PayloadTooLarge);
-    }
-    match tokio::time::timeout(
-        BODY_READ_TIMEOUT,
-        Limited::new(body, MAX_BODY_BYTES).collect(),
-    )
-    .await
-    {
-        Err(_) => Err(GatewayError::BadRequest(
-            "body: not received in time".into(),
-        )),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(GatewayError::PayloadTooLarge)
-        }
-        Ok(Err(_)) => Err(GatewayError::BadRequest("body: could not be read".into())),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
-    }
 }
 
 #[cfg(test)]
