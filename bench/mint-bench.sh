@@ -4,6 +4,7 @@
 #   bench/mint-bench.sh            # redirects/s + latency, fake answers at once
 #   DELAY_MS=200 CONNS=5000 bench/mint-bench.sh   # slow CDP, many concurrent mints, RSS
 #   BACKEND=redis bench/mint-bench.sh            # the Redis rate-limit backend on loopback
+#   GATEWAY_ENV="MALLOC_ARENA_MAX=1" bench/mint-bench.sh   # environment for the gateway only
 # Needs: wrk, taskset, openssl; redis-server for BACKEND=redis. Builds the release binary
 # and the fake with `cargo build --release --example bench_fake_cdp`.
 set -euo pipefail
@@ -63,7 +64,7 @@ redis_url = "$redis_url"
 [log]
 level = "warn"
 CONF
-CDP_API_KEY_ID=bench-key CDP_API_KEY_SECRET="$secret" taskset -c 0 "$target/release/onramp-gateway" \
+CDP_API_KEY_ID=bench-key CDP_API_KEY_SECRET="$secret" env ${GATEWAY_ENV:-} taskset -c 0 "$target/release/onramp-gateway" \
   --config "$dir/config.toml" >"$dir/gateway.log" 2>&1 &
 gw=$!
 pids+=($gw)

@@ -1264,3 +1264,89 @@ async fn http2_continuation_flood_is_bounded() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// Abuse: 2,000 idle TLS keep-alives (each served one request, then silent) while normal
+/// traffic goes on. The cap holds (`connections_active` never above `max_connections`), a
+/// new client still gets in (the oldest idle keep-alive makes room), every normal
+/// request is answered, and the gateway keeps serving afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_idle_tls_connections_and_normal_traffic() {
+    const IDLE: usize = 2000;
+    const CAP: usize = 2000;
+    const BATCH: usize = 100;
+    let up = Upstream::start().await;
+    let gw = GatewayBuilder::new(&up.url())
+        .section(
+            "server",
+            &format!("max_connections = {CAP}\nidle_timeout_ms = 120000"),
+        )
+        .start()
+        .await;
+    let get = b"GET /status/204 HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut idle = Vec::with_capacity(IDLE);
+    while idle.len() < IDLE {
+        assert!(
+            Instant::now() < deadline,
+            "only {} idle connections opened",
+            idle.len()
+        );
+        // Batches: concurrent handshakes, bounded.
+        let batch: Vec<_> = (0..BATCH)
+            .map(|_| {
+                let gw = &gw;
+                async move {
+                    let mut s = gw.tls_connect(Alpn::Http11).await;
+                    s.write_all(get).await.unwrap();
+                    s.flush().await.unwrap();
+                    assert_eq!(status_of(&read_one_response(&mut s).await), 204);
+                    s
+                }
+            })
+            .collect();
+        let done = tokio::time::timeout(
+            Duration::from_secs(20),
+            futures_util::future::join_all(batch),
+        )
+        .await;
+        let Ok(done) = done else {
+            let logs = gw.logs();
+            let tail: Vec<&str> = logs.lines().rev().take(30).collect();
+            panic!(
+                "a batch stalled after {} connections; app saw {} requests; active {}; logs:\n{}",
+                idle.len(),
+                up.requests(),
+                connections_active(&gw).await,
+                tail.join("\n")
+            );
+        };
+        idle.extend(done);
+    }
+    assert!(connections_active(&gw).await <= CAP as f64);
+    // Normal traffic at the cap: each new client takes an idle slot and is served.
+    let client = gw.https_client(Alpn::H2AndHttp11);
+    for i in 0..50 {
+        let r = tokio::time::timeout(Duration::from_secs(10), client.get(gw.url("/echo")).send())
+            .await
+            .unwrap_or_else(|_| panic!("request {i} waited at the cap"))
+            .expect("served");
+        assert_eq!(r.status(), 200);
+    }
+    let active = connections_active(&gw).await;
+    assert!(
+        active <= CAP as f64,
+        "connections_active {active} above the cap {CAP}"
+    );
+    // Close the idle ones: the gauge comes back down and the gateway still serves.
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connections_active(&gw).await > 5.0 {
+        assert!(
+            Instant::now() < deadline,
+            "closed connections stayed counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = client.get(gw.url("/echo")).send().await.expect("served");
+    assert_eq!(r.status(), 200);
+}
