@@ -69,6 +69,8 @@ impl RedisConnError {
 }
 
 /// A built client that has not connected yet.
+// Built once at start-up (and by `check`) and consumed at once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Prepared {
     Single(redis::Client),
     Cluster(ClusterClient),
