@@ -518,3 +518,30 @@ async fn cluster_node_killed_mid_load_holds_the_policy_and_recovers() {
         seen.iter().filter(|&&(_, s)| s != 302).collect::<Vec<_>>()
     );
 }
+
+/// The gateway starts while the whole cluster is down (the cluster connection is made on
+/// first use): not ready, `deny` → 503; once the nodes are back it becomes ready and counts
+/// in the cluster, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_down_at_start_then_up_without_a_restart() {
+    let fx = fixture().await;
+    let mut cluster = RedisCluster::start();
+    for i in 0..cluster.nodes.len() {
+        cluster.kill(i);
+    }
+    let gw = fx
+        .gateway(&cluster_rate_limit(&cluster, NO_LIMIT))
+        .start()
+        .await;
+    let body = wait_readyz(&gw, 503).await;
+    assert!(body.to_lowercase().contains("redis"), "{body}");
+    let client = client_from(&gw, v4(127, 0, 0, 2));
+    assert_eq!(onramp(&client, &gw).await.0, 503);
+    assert_eq!(fx.cdp.count(), 0);
+    cluster.restart_all();
+    wait_readyz(&gw, 200).await;
+    assert_eq!(onramp(&client, &gw).await.0, 302);
+    assert_eq!(fx.cdp.count(), 1);
+    let node = cluster.node_for("onramp-gateway:rl:ip:127.0.0.2");
+    assert_eq!(cluster.cached_scripts(node), 1);
+}

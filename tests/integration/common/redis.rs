@@ -375,6 +375,17 @@ impl RedisCluster {
         redis::cmd("GET").arg(key).query(&mut con).expect("GET")
     }
 
+    /// SIGKILLs every node, restarts them all from their `nodes.conf`, and waits until
+    /// each says the cluster is ok.
+    pub fn restart_all(&mut self) {
+        for node in &mut self.nodes {
+            node.restart();
+        }
+        for i in 0..self.nodes.len() {
+            self.wait_until_ok(i);
+        }
+    }
+
     /// `number_of_cached_scripts` of node `i` (`INFO memory`): 0 on a fresh node.
     pub fn cached_scripts(&self, i: usize) -> u64 {
         let mut con = self.nodes[i].client().get_connection().expect("connect");
