@@ -349,7 +349,13 @@ fn build_limiter(
     let limiter: Arc<dyn RateLimiter> = match redis {
         None => Arc::new(LayeredMemory::new(&layers, rl.max_keys).map_err(|e| other(&e))?),
         Some(connection) => {
-            tracing::info!(on_backend_error = ?rl.on_backend_error, "rate limits shared through Redis");
+            tracing::info!(
+                on_backend_error = ?rl.on_backend_error,
+                tls = rl.redis_url.starts_with("rediss://"),
+                extra_ca = !rl.redis_ca_file.is_empty(),
+                cluster = connection.is_cluster(),
+                "rate limits shared through Redis"
+            );
             Arc::new(
                 RedisLimiter::new(&layers, connection, &rl.redis_key_prefix)
                     .map_err(|e| other(&e))?,

@@ -545,3 +545,40 @@ async fn cluster_down_at_start_then_up_without_a_restart() {
     let node = cluster.node_for("onramp-gateway:rl:ip:127.0.0.2");
     assert_eq!(cluster.cached_scripts(node), 1);
 }
+
+/// Cluster over TLS (as ElastiCache with cluster mode and in-transit encryption): the seed
+/// is `rediss://`, the nodes announce TLS ports, and every node's certificate verifies
+/// against the added CA; buckets on two different nodes are both counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_cluster_counts_on_every_node() {
+    let fx = fixture().await;
+    let pki = TestPki::new(KeyFormat::Pkcs8Ecdsa);
+    let ca_file = pki.write_ca_pem();
+    let cluster = RedisCluster::start_tls(&pki.cert_path, &pki.key_path, &ca_file);
+    assert!(cluster.seed_url().starts_with("rediss://"));
+    let rl = cluster_rate_limit(
+        &cluster,
+        &format!(
+            "{NO_LIMIT}\nredis_ca_file = {:?}",
+            ca_file.display().to_string()
+        ),
+    );
+    let gw = fx.gateway(&rl).start().await;
+    wait_readyz(&gw, 200).await;
+    let key = |d: u8| format!("onramp-gateway:rl:ip:127.0.0.{d}");
+    let first = (2..=250u8)
+        .find(|d| cluster.node_for(&key(*d)) == 0)
+        .unwrap();
+    let other = (2..=250u8)
+        .find(|d| cluster.node_for(&key(*d)) == 2)
+        .unwrap();
+    for d in [first, other] {
+        assert_eq!(
+            onramp(&client_from(&gw, v4(127, 0, 0, d)), &gw).await.0,
+            302
+        );
+    }
+    assert_eq!(cluster.cached_scripts(0), 1);
+    assert_eq!(cluster.cached_scripts(2), 1);
+    assert_eq!(limiter_errors(&gw).await, 0.0);
+}

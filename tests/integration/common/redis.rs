@@ -88,7 +88,8 @@ impl RedisServer {
     /// restarted node comes back as the same node with the same slots), and
     /// `cluster-require-full-coverage no` so the other primaries keep serving their slots
     /// while one is down (the behaviour the README asks operators to configure).
-    fn start_cluster_node() -> RedisServer {
+    /// `tls`: (cert, key, CA) for a TLS-only node whose cluster bus is TLS too.
+    fn start_cluster_node(tls: Option<(&Path, &Path, &Path)>) -> RedisServer {
         let dir = tempfile::Builder::new()
             .prefix("onramp-gw-redis-cluster-")
             .tempdir()
@@ -112,6 +113,23 @@ impl RedisServer {
             ],
             tls_ca_pem: None,
         };
+        if let Some((cert, key, ca_file)) = tls {
+            crate::common::certs::install_provider();
+            let path = |p: &Path| p.to_string_lossy().into_owned();
+            server.extra.extend([
+                "--tls-cluster".into(),
+                "yes".into(),
+                "--tls-cert-file".into(),
+                path(cert),
+                "--tls-key-file".into(),
+                path(key),
+                "--tls-ca-cert-file".into(),
+                path(ca_file),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ]);
+            server.tls_ca_pem = Some(std::fs::read(ca_file).expect("read the test CA"));
+        }
         server.spawn();
         server
     }
@@ -292,8 +310,23 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_cluster_node()).collect();
+        Self::start_with(None)
+    }
+
+    /// TLS-only nodes (clients and the cluster bus) with `cert`/`key` chaining to the CA
+    /// in `ca_file`; the nodes announce their TLS ports.
+    pub fn start_tls(cert: &Path, key: &Path, ca_file: &Path) -> RedisCluster {
+        Self::start_with(Some((cert, key, ca_file)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path, &Path)>) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| RedisServer::start_cluster_node(tls))
+            .collect();
         let mut create = Command::new("redis-cli");
+        if let Some((_, _, ca_file)) = tls {
+            create.arg("--tls").arg("--cacert").arg(ca_file);
+        }
         create.args(["--cluster", "create"]);
         for node in &nodes {
             create.arg(format!("127.0.0.1:{}", node.port));
@@ -318,7 +351,12 @@ impl RedisCluster {
 
     /// The seed URL for `rate_limit.redis_url` (the first node; the gateway learns the rest).
     pub fn seed_url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.nodes[0].port)
+        let scheme = if self.nodes[0].tls_ca_pem.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.nodes[0].port)
     }
 
     /// The index of the node serving `key`'s slot (asked of a node that is up).
