@@ -355,6 +355,10 @@ pub struct RateLimitConfig {
     pub redis_url: String,
     /// Extension to SPEC.md: prefix of the Redis keys (one per client IP).
     pub redis_key_prefix: String,
+    /// PEM CA added to the system roots for a `rediss://` URL ("" = system roots only).
+    pub redis_ca_file: String,
+    /// `redis_url` names one seed node of a Redis Cluster.
+    pub redis_cluster: bool,
     pub on_backend_error: OnBackendError,
     pub aggregate_ipv4_prefix: u8,
     pub aggregate_ipv6_prefix: u8,
@@ -377,6 +381,8 @@ impl Default for RateLimitConfig {
             backend: LimiterBackend::Memory,
             redis_url: "redis://127.0.0.1:6379/0".into(),
             redis_key_prefix: "onramp-gateway:rl:".into(),
+            redis_ca_file: String::new(),
+            redis_cluster: false,
             on_backend_error: OnBackendError::Deny,
             aggregate_ipv4_prefix: 24,
             aggregate_ipv6_prefix: 48,
@@ -435,6 +441,8 @@ pub struct Settings {
     /// `cdp.platform_base`, always ending in `/` so `join("v2/...")` keeps `/platform`.
     pub cdp_platform_base: url::Url,
     pub cdp_key_file: Option<PathBuf>,
+    /// `rate_limit.redis_ca_file`, resolved against the config file's directory.
+    pub redis_ca_file: Option<PathBuf>,
     pub substitute_private_client_ip: Option<IpAddr>,
     pub onramp_url: url::Url,
     pub offramp_url: url::Url,
@@ -924,31 +932,34 @@ impl Config {
                 "at most 128 characters, no whitespace",
             );
         }
+        let redis_ca_file =
+            (!rl.redis_ca_file.is_empty()).then(|| resolve(Path::new(&rl.redis_ca_file)));
         if rl.backend == LimiterBackend::Redis {
             match url::Url::parse(&rl.redis_url) {
-                // The redis crate is built without its TLS features: a rediss:// URL would
-                // pass here and fail at start-up, so `check` refuses it too.
-                Ok(u) if u.scheme() == "rediss" => c.bad(
-                    "rate_limit.redis_url",
-                    "TLS Redis is not supported by this build (rediss://); use redis:// over a private network or a TLS tunnel",
-                ),
-                // The run parses the URL again with the redis crate (database number,
-                // socket path, ...): whatever it would refuse, `check` refuses now.
-                Ok(u) if matches!(u.scheme(), "redis" | "unix" | "redis+unix") => {
-                    if redis::Client::open(rl.redis_url.as_str()).is_err() {
-                        c.bad(
-                            "rate_limit.redis_url",
-                            format!(
-                                "the Redis client refuses {:?} (expected redis://host:port/db)",
-                                redact_url(&rl.redis_url)
+                // The run builds its client with the same function (TLS roots, CA file,
+                // cluster rules): whatever it would refuse, `check` refuses now.
+                Ok(u) if matches!(u.scheme(), "redis" | "rediss" | "unix" | "redis+unix") => {
+                    if let Err(e) = crate::redis_conn::prepare(crate::redis_conn::RedisOptions {
+                        url: &rl.redis_url,
+                        ca_file: redis_ca_file.as_deref(),
+                        cluster: rl.redis_cluster,
+                    }) {
+                        // The crate's URL errors do not echo the URL; say which one.
+                        let detail = match e {
+                            crate::redis_conn::RedisConnError::Url(_) => format!(
+                                "the Redis client refuses {:?}: {} (expected redis://host:port/db or rediss://...)",
+                                redact_url(&rl.redis_url),
+                                e.detail()
                             ),
-                        );
+                            _ => e.detail().to_string(),
+                        };
+                        c.bad(e.key(), detail);
                     }
                 }
                 _ => c.bad(
                     "rate_limit.redis_url",
                     format!(
-                        "invalid Redis URL {:?} (expected redis://host:port/db)",
+                        "invalid Redis URL {:?} (expected redis://host:port/db or rediss://host:port/db)",
                         redact_url(&rl.redis_url)
                     ),
                 ),
@@ -1005,6 +1016,7 @@ impl Config {
             cdp_api_base,
             cdp_platform_base,
             cdp_key_file,
+            redis_ca_file,
             substitute_private_client_ip,
             onramp_url,
             offramp_url,
@@ -1307,15 +1319,74 @@ mod tests {
         assert!(find("server.max_connections").unwrap().contains("1000000"));
         assert!(find("server.trusted_proxies[0]").is_some());
         assert!(find("server.trusted_proxies[1]").is_some());
-        assert!(find("rate_limit.redis_url")
-            .unwrap()
-            .contains("TLS Redis is not supported by this build"));
+        // TLS Redis is served now (system roots): nothing to refuse about it.
+        assert_eq!(find("rate_limit.redis_url"), None);
         let problems = validate(&format!(
             "{MINIMAL}[rate_limit]\nbackend = \"redis\"\nredis_url = \"redis://:hunter2@r.example:6379/notadb\"\n"
         ))
         .unwrap_err();
         assert_eq!(problems[0].key, "rate_limit.redis_url");
         assert!(!problems[0].message.contains("hunter2"));
+    }
+
+    #[test]
+    fn redis_tls_and_cluster_keys_are_checked_as_the_run_builds_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate\n").unwrap();
+        let missing = dir.path().join("missing.pem");
+        let problem = |rate_limit: &str| -> Option<(String, String)> {
+            let text = format!("{MINIMAL}[rate_limit]\nbackend = \"redis\"\n{rate_limit}\n");
+            let config = parse(&text).unwrap();
+            match config.validate(dir.path()) {
+                Ok(_) => None,
+                Err(problems) => problems
+                    .into_iter()
+                    .find(|p| p.key.starts_with("rate_limit"))
+                    .map(|p| (p.key, p.message)),
+            }
+        };
+        // Accepted: TLS with system roots, a cluster seed (TLS or not).
+        assert_eq!(problem("redis_url = \"rediss://r.example:6380/0\""), None);
+        assert_eq!(
+            problem("redis_url = \"redis://r.example:7000\"\nredis_cluster = true"),
+            None
+        );
+        assert_eq!(
+            problem("redis_url = \"rediss://r.example:7000\"\nredis_cluster = true"),
+            None
+        );
+        let (key, message) = problem(&format!(
+            "redis_url = \"rediss://r.example:6380/0\"\nredis_ca_file = {:?}",
+            missing.display().to_string()
+        ))
+        .unwrap();
+        assert_eq!(key, "rate_limit.redis_ca_file");
+        assert!(message.contains("cannot read"), "{message}");
+        let (key, message) = problem(&format!(
+            "redis_url = \"rediss://r.example:6380/0\"\nredis_ca_file = {:?}",
+            garbage.display().to_string()
+        ))
+        .unwrap();
+        assert_eq!(key, "rate_limit.redis_ca_file");
+        assert!(message.contains("no PEM certificate"), "{message}");
+        // A CA file without TLS would silently do nothing.
+        let (key, message) = problem(&format!(
+            "redis_url = \"redis://r.example:6379/0\"\nredis_ca_file = {:?}",
+            garbage.display().to_string()
+        ))
+        .unwrap();
+        assert_eq!(key, "rate_limit.redis_ca_file");
+        assert!(message.contains("rediss://"), "{message}");
+        let (key, _) =
+            problem("redis_url = \"unix:///run/redis.sock\"\nredis_cluster = true").unwrap();
+        assert_eq!(key, "rate_limit.redis_cluster");
+        let (key, message) =
+            problem("redis_url = \"redis://r.example:7000/3\"\nredis_cluster = true").unwrap();
+        assert_eq!(key, "rate_limit.redis_cluster");
+        assert!(message.contains("database 0"), "{message}");
+        let (key, _) = problem("redis_url = \"memcached://r.example:11211\"").unwrap();
+        assert_eq!(key, "rate_limit.redis_url");
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! - [`conn_limit`]: connection slots (global, per IP) and their one owner.
 //! - [`mint`]: the onramp/offramp routes; [`onramp`] parses and validates their input.
 //! - [`cdp`]: CDP API key, JWT, token client. [`ratelimit`]: per-IP limits.
+//!   [`redis_conn`]: the one shared Redis connection (TLS, cluster).
 //! - [`admin`], [`metrics`]: health, readiness and Prometheus metrics.
 //! - [`fetch_site`]: cross-site refusal, [`gate`]: it plus CORS for every own route;
 //!   [`ticket`]: app-signed address tickets.
@@ -42,6 +43,7 @@ pub mod onramp;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod ratelimit;
+pub mod redis_conn;
 pub mod routes;
 pub mod server;
 pub mod ticket;

@@ -31,12 +31,12 @@ use crate::mint::Minter;
 use crate::proxy::{Proxy, ProxySettings};
 use crate::proxy_protocol;
 use crate::ratelimit::{LayeredMemory, Layers, Policy, RateLimiter, RedisLimiter};
+use crate::redis_conn::RedisConn;
 use crate::routes::App;
 use crate::ticket::{
     MemoryReplayGuard, RedisReplayGuard, ReplayGuard, TicketSecret, TicketVerifier,
 };
 use crate::tls::{self, CertStore, TlsError};
-use redis::aio::ConnectionManager;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -99,8 +99,12 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
 
     let redis = match settings.config.rate_limit.backend {
         LimiterBackend::Redis => Some(
-            crate::ratelimit::redis::connect_lazy(&settings.config.rate_limit.redis_url)
-                .map_err(|e| StartError::Other(e.to_string()))?,
+            crate::redis_conn::connect_lazy(crate::redis_conn::RedisOptions {
+                url: &settings.config.rate_limit.redis_url,
+                ca_file: settings.redis_ca_file.as_deref(),
+                cluster: settings.config.rate_limit.redis_cluster,
+            })
+            .map_err(|e| StartError::Other(e.to_string()))?,
         ),
         LimiterBackend::Memory => None,
     };
@@ -337,7 +341,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
 /// the shared connection when that backend is configured).
 fn build_limiter(
     settings: &Settings,
-    redis: Option<ConnectionManager>,
+    redis: Option<RedisConn>,
 ) -> Result<Arc<dyn RateLimiter>, StartError> {
     let rl = &settings.config.rate_limit;
     let other = |e: &dyn std::fmt::Display| StartError::Other(e.to_string());
@@ -345,7 +349,13 @@ fn build_limiter(
     let limiter: Arc<dyn RateLimiter> = match redis {
         None => Arc::new(LayeredMemory::new(&layers, rl.max_keys).map_err(|e| other(&e))?),
         Some(connection) => {
-            tracing::info!(on_backend_error = ?rl.on_backend_error, "rate limits shared through Redis");
+            tracing::info!(
+                on_backend_error = ?rl.on_backend_error,
+                tls = rl.redis_url.starts_with("rediss://"),
+                extra_ca = !rl.redis_ca_file.is_empty(),
+                cluster = connection.is_cluster(),
+                "rate limits shared through Redis"
+            );
             Arc::new(
                 RedisLimiter::new(&layers, connection, &rl.redis_key_prefix)
                     .map_err(|e| other(&e))?,
@@ -363,7 +373,7 @@ const CDP_QUOTES_PER_SECOND: u32 = 10;
 fn build_api(
     settings: &Settings,
     minter: Arc<Minter>,
-    redis: Option<ConnectionManager>,
+    redis: Option<RedisConn>,
     metrics: Arc<Metrics>,
 ) -> Result<Api, StartError> {
     let rl = &settings.config.rate_limit;
@@ -402,7 +412,7 @@ fn build_api(
 fn build_tickets(
     settings: &Settings,
     secret: &TicketSecret,
-    redis: Option<ConnectionManager>,
+    redis: Option<RedisConn>,
 ) -> TicketVerifier {
     let rl = &settings.config.rate_limit;
     let replay: Arc<dyn ReplayGuard> = match redis {
@@ -417,7 +427,7 @@ fn build_tickets(
 fn build_webhooks(
     settings: &Settings,
     secrets: crate::webhook::signature::WebhookSecrets,
-    redis: Option<ConnectionManager>,
+    redis: Option<RedisConn>,
     metrics: Arc<Metrics>,
 ) -> crate::webhook::WebhookReceiver {
     let rl = &settings.config.rate_limit;

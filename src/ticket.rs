@@ -195,12 +195,12 @@ impl ReplayGuard for MemoryReplayGuard {
 
 /// Replay guard in Redis: `SET {prefix}jti:{jti} 1 NX PX <until exp>`; shared by replicas.
 pub struct RedisReplayGuard {
-    connection: redis::aio::ConnectionManager,
+    connection: crate::redis_conn::RedisConn,
     prefix: String,
 }
 
 impl RedisReplayGuard {
-    pub fn new(connection: redis::aio::ConnectionManager, key_prefix: &str) -> Self {
+    pub fn new(connection: crate::redis_conn::RedisConn, key_prefix: &str) -> Self {
         Self {
             connection,
             prefix: key_prefix.to_string(),

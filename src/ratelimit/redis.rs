@@ -9,15 +9,22 @@
 //! first refusal (earlier layers are not refunded, as in the memory backend). Each key is
 //! one bucket's TAT with a TTL of its reset time: an idle client costs Redis nothing.
 //!
-//! The connection is a `ConnectionManager` created lazily (the gateway starts and
-//! serves even while Redis is down, applying `on_backend_error`) that reconnects by
-//! itself; each call is bounded by a short timeout.
+//! With Redis Cluster (`rate_limit.redis_cluster`) the buckets of one request hash to
+//! different slots, which one script call cannot touch: there the script runs once per
+//! bucket, in the same order, stopping at the first refusal (same semantics, one round
+//! trip per layer). Each node then reads its own `TIME`.
+//!
+//! The connection is the shared [`crate::redis_conn::RedisConn`] (plain or TLS, single
+//! server or cluster), created lazily (the gateway starts and serves even while Redis is
+//! down, applying `on_backend_error`) and reconnecting by itself; each call is bounded
+//! by a short timeout.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
+
+use crate::redis_conn::{eval_script, RedisConn};
 
 use super::gcra::{Gcra, Step, MICROS_PER_SECOND};
 use super::{BoxFuture, Layer, Layers, LimiterError, PolicyError, RateLimiter, Verdict};
@@ -56,15 +63,13 @@ pub struct RedisLimiter {
     layers: Vec<(Layer, Gcra)>,
     prefix: String,
     script: Script,
-    connection: ConnectionManager,
+    connection: RedisConn,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedisSetupError {
     #[error(transparent)]
     Policy(#[from] PolicyError),
-    #[error("rate_limit.redis_url: {0}")]
-    Url(redis::RedisError),
 }
 
 impl RedisLimiter {
@@ -72,7 +77,7 @@ impl RedisLimiter {
     /// reported per call.
     pub fn new(
         layers: &Layers,
-        connection: ConnectionManager,
+        connection: RedisConn,
         key_prefix: &str,
     ) -> Result<Self, RedisSetupError> {
         let mut built = Vec::new();
@@ -95,26 +100,66 @@ impl RedisLimiter {
 
     async fn step(&self, ip: IpAddr) -> Result<Verdict, LimiterError> {
         let mut connection = self.connection.clone();
-        let mut invocation = self.script.prepare_invoke();
-        for (layer, gcra) in &self.layers {
-            invocation
-                .key(self.key(layer, ip))
-                .arg(gcra.emission)
-                .arg(gcra.tolerance);
+        let keys: Vec<String> = self
+            .layers
+            .iter()
+            .map(|(layer, _)| self.key(layer, ip))
+            .collect();
+        let args: Vec<i64> = self
+            .layers
+            .iter()
+            .flat_map(|(_, gcra)| [to_i64(gcra.emission), to_i64(gcra.tolerance)])
+            .collect();
+        if !connection.is_cluster() {
+            let reply = self.call(&mut connection, &keys, &args).await?;
+            return self.verdict(&reply, 0);
         }
-        let reply: Vec<i64> = bounded(invocation.invoke_async(&mut connection)).await?;
+        // Cluster: one call per bucket (each key is its own slot). The first layer's
+        // remaining/reset are the ones reported when every layer allows.
+        let mut first = None;
+        for (i, key) in keys.iter().enumerate() {
+            let reply = self
+                .call(
+                    &mut connection,
+                    std::slice::from_ref(key),
+                    &args[2 * i..2 * i + 2],
+                )
+                .await?;
+            let verdict = self.verdict(&reply, i)?;
+            if !verdict.decision.is_allowed() {
+                return Ok(verdict);
+            }
+            first.get_or_insert(verdict);
+        }
+        first.ok_or_else(|| LimiterError::BadReply {
+            backend: BACKEND,
+            detail: "no layer".into(),
+        })
+    }
+
+    async fn call(
+        &self,
+        connection: &mut RedisConn,
+        keys: &[String],
+        args: &[i64],
+    ) -> Result<Vec<i64>, LimiterError> {
+        bounded(eval_script(connection, &self.script, GCRA_LUA, keys, args)).await
+    }
+
+    /// The script's reply for the layers from `offset` on, as a verdict.
+    fn verdict(&self, reply: &[i64], offset: usize) -> Result<Verdict, LimiterError> {
         let bad = |detail: String| LimiterError::BadReply {
             backend: BACKEND,
             detail,
         };
-        let (allowed, index, a, b) = match reply.as_slice() {
+        let (allowed, index, a, b) = match reply {
             [allowed @ (0 | 1), index, a, b] => (*allowed == 1, *index, *a, *b),
             other => return Err(bad(format!("{other:?}"))),
         };
         let (layer, gcra) = usize::try_from(index)
             .ok()
             .and_then(|i| i.checked_sub(1))
-            .and_then(|i| self.layers.get(i))
+            .and_then(|i| self.layers.get(i + offset))
             .ok_or_else(|| bad(format!("layer index {index}")))?;
         let step = if allowed {
             Step::Allowed {
@@ -136,17 +181,9 @@ impl RedisLimiter {
     }
 }
 
-/// A lazily connecting, self-reconnecting connection to `redis_url` whose connects and
-/// calls are bounded by [`CALL_TIMEOUT`]. The limiter and the ticket replay guard share
-/// one (it is a cheap clone of a multiplexed connection).
-pub fn connect_lazy(redis_url: &str) -> Result<ConnectionManager, RedisSetupError> {
-    let client = redis::Client::open(redis_url).map_err(RedisSetupError::Url)?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(CALL_TIMEOUT))
-        .set_response_timeout(Some(CALL_TIMEOUT))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(1));
-    ConnectionManager::new_lazy_with_config(client, config).map_err(RedisSetupError::Url)
+/// The script's arguments are Lua numbers (doubles); the GCRA values are far below 2^53.
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// One Redis call under [`CALL_TIMEOUT`], its failure as a [`LimiterError`].
@@ -173,7 +210,7 @@ impl RateLimiter for RedisLimiter {
     fn health(&self) -> BoxFuture<'_, Result<(), LimiterError>> {
         Box::pin(async move {
             let mut connection = self.connection.clone();
-            let pong: String = bounded(redis::cmd("PING").query_async(&mut connection)).await?;
+            let pong = bounded(connection.ping()).await?;
             if pong == "PONG" {
                 Ok(())
             } else {

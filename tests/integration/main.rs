@@ -14,6 +14,7 @@ mod operations;
 mod orders;
 mod orders_browser;
 mod proxy;
+mod redis_ops;
 mod seams;
 mod soak;
 mod startup;

@@ -364,8 +364,8 @@ async fn check_refuses_configs_the_run_would_refuse() {
         ),
         (
             "rate_limit",
-            "backend = \"redis\"\nredis_url = \"rediss://redis.example:6380/0\"",
-            "TLS Redis is not supported by this build",
+            "backend = \"redis\"\nredis_url = \"unix:///run/redis.sock\"\nredis_cluster = true",
+            "rate_limit.redis_cluster",
         ),
     ];
     for (section, snippet, expect) in cases {

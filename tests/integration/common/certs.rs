@@ -143,6 +143,14 @@ impl TestPki {
         }
     }
 
+    /// Writes the CA certificate as PEM next to the leaf (`ca.crt`) and returns its path,
+    /// for servers and clients that take a CA file (redis-server, `rate_limit.redis_ca_file`).
+    pub fn write_ca_pem(&self) -> PathBuf {
+        let path = self.dir.path().join("ca.crt");
+        std::fs::write(&path, pem_encode("CERTIFICATE", &self.ca_der)).expect("write CA PEM");
+        path
+    }
+
     /// A client config trusting this PKI's CA, offering `alpn`, TLS 1.2 and 1.3.
     pub fn client_config(&self, alpn: Alpn) -> Arc<ClientConfig> {
         self.client_config_versions(alpn, rustls::DEFAULT_VERSIONS)
