@@ -279,33 +279,20 @@ impl Api {
                 })?;
                 Some(a.clone())
             }
-            (Some(_), _) => {
-                let input = Input::Json(Bytes::from(Value::Object(body.clone()).to_string()));
-                match self
-                    .minter
-                    .known(
-                        headers,
-                        &input,
-                        Purpose::Mint(Flow::Onramp),
-                        ip,
-                        ClientInput::None,
-                    )
-                    .await?
-                {
-                    Known::Relay(r) => return Ok(r),
-                    Known::Browser => None,
-                    Known::App(request, _) => Some(
-                        request
-                            .addresses
-                            .iter()
-                            .find(|a| a.blockchains.contains(&q.purchase_network))
-                            .map(|a| a.address.clone())
-                            .ok_or(GatewayError::NoAppIdentity(
-                                "no address of the signed-in user for purchaseNetwork",
-                            ))?,
-                    ),
-                }
-            }
+            (Some(_), _) => match self.known_from_body(headers, &body, ip).await? {
+                Known::Relay(r) => return Ok(r),
+                Known::Browser => None,
+                Known::App(request, _) => Some(
+                    request
+                        .addresses
+                        .iter()
+                        .find(|a| a.blockchains.contains(&q.purchase_network))
+                        .map(|a| a.address.clone())
+                        .ok_or(GatewayError::NoAppIdentity(
+                            "no address of the signed-in user for purchaseNetwork",
+                        ))?,
+                ),
+            },
         };
         if destination.is_some() {
             // It mints (the token inside onrampUrl): the minting buckets apply too.
@@ -349,6 +336,26 @@ impl Api {
             StatusCode::OK,
             Bytes::from(answer.to_string()),
         ))
+    }
+
+    /// The address source's view of the user for a JSON call that mints (a ticket, if
+    /// that is the source, travels in the body's `ticket` member).
+    async fn known_from_body(
+        &self,
+        headers: &HeaderMap,
+        body: &Map<String, Value>,
+        ip: IpAddr,
+    ) -> Result<Known, GatewayError> {
+        let input = Input::Json(Bytes::from(Value::Object(body.clone()).to_string()));
+        self.minter
+            .known(
+                headers,
+                &input,
+                Purpose::Mint(Flow::Onramp),
+                ip,
+                ClientInput::None,
+            )
+            .await
     }
 
     fn coinbase_url(&self, u: &Url) -> bool {
@@ -432,18 +439,7 @@ impl Api {
     ) -> Result<Response<ResponseBody>, GatewayError> {
         let q = orders::OrderRequest::parse(&body, &self.blockchains)
             .map_err(GatewayError::BadRequest)?;
-        let input = Input::Json(Bytes::from(Value::Object(body).to_string()));
-        let (request, app) = match self
-            .minter
-            .known(
-                headers,
-                &input,
-                Purpose::Mint(Flow::Onramp),
-                ip,
-                ClientInput::None,
-            )
-            .await?
-        {
+        let (request, app) = match self.known_from_body(headers, &body, ip).await? {
             Known::Relay(r) => return Ok(r),
             Known::Browser => {
                 return Err(GatewayError::NoAppIdentity(
