@@ -1492,4 +1492,56 @@ mod tests {
         .unwrap_err();
         assert_eq!(problems[0].key, "webhooks.forward_path", "{problems:?}");
     }
+
+    const ACME: &str = "[tls.acme]\ndirectory_url = \"https://acme.example/dir\"\ndomains = [\"pay.example.com\"]\ncontact = \"mailto:ops@example.com\"\ncache_dir = \"/var/lib/onramp-gateway/acme\"\n";
+
+    #[test]
+    fn acme_replaces_the_certificate_files() {
+        // No tls.cert/tls.key on disk: with [tls.acme] they are not needed.
+        let s = validate(ACME).expect("valid");
+        let a = s.acme.expect("acme settings");
+        assert_eq!(a.domains, vec!["pay.example.com".to_string()]);
+        assert_eq!(
+            a.cert_path(),
+            Path::new("/var/lib/onramp-gateway/acme/cert.pem")
+        );
+    }
+
+    #[test]
+    fn acme_keys_are_checked_and_named() {
+        let bad = |from: &str, to: &str| -> Vec<String> {
+            validate(&ACME.replace(from, to))
+                .unwrap_err()
+                .into_iter()
+                .map(|p| p.key)
+                .collect()
+        };
+        assert_eq!(
+            bad("mailto:ops@example.com", "ops@example.com"),
+            ["tls.acme.contact"]
+        );
+        assert_eq!(
+            bad("\"pay.example.com\"", "\"*.example.com\""),
+            ["tls.acme.domains[0]"]
+        );
+        assert_eq!(
+            bad("\"pay.example.com\"", "\"10.0.0.1\""),
+            ["tls.acme.domains[0]"]
+        );
+        assert_eq!(bad("[\"pay.example.com\"]", "[]"), ["tls.acme.domains"]);
+        assert_eq!(
+            bad("https://acme.example/dir", "http://acme.example/dir"),
+            ["tls.acme.directory_url"]
+        );
+        assert_eq!(
+            bad("[tls.acme]", "[tls]\nself_signed = true\n[tls.acme]"),
+            ["tls.self_signed"]
+        );
+        assert_eq!(
+            bad("cache_dir", "ca_file = \"/nonexistent/ca.pem\"\ncache_dir"),
+            ["tls.acme.ca_file"]
+        );
+        let unknown = parse(&ACME.replace("cache_dir", "renew_days = 3\ncache_dir")).unwrap_err();
+        assert!(unknown.1.contains("renew_days"), "{unknown:?}");
+    }
 }

@@ -3,6 +3,7 @@
 
 mod common;
 
+mod acme;
 mod browser;
 mod deploy_manifests;
 mod faults;
