@@ -37,6 +37,8 @@ const POLL_TIMEOUT: Duration = Duration::from_secs(90);
 /// First retry delay after a failed order; doubled per failure up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// Longest sleep between two looks at the cached certificate.
+const RECHECK_EVERY: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeError {
@@ -156,7 +158,10 @@ impl Acme {
             };
             if !wait.is_zero() {
                 tracing::info!(renew_in_s = wait.as_secs(), "tls.acme: certificate valid");
-                tokio::time::sleep(wait).await;
+                // Woken at least hourly to look again: the sleep runs on the monotonic
+                // clock, certificate times are wall-clock (suspend, clock steps), and the
+                // cache may have been replaced by hand.
+                tokio::time::sleep(wait.min(RECHECK_EVERY)).await;
                 continue;
             }
             let outcome = match tokio::time::timeout(ORDER_TIMEOUT, self.order(&store)).await {
