@@ -12,8 +12,8 @@
 # getrandom(2) wrapper through a weak symbol, which a static binary does not resolve, and
 # falls back to /dev/urandom, which an empty root does not have (a panic on first use).
 # The syscall needs Linux 3.17+.
-# Caveat of static glibc: name lookups cannot load NSS modules, so in an empty root use IP
-# addresses in upstream.url (the gateway's own listeners never resolve names).
+# Name lookups still work: glibc (2.34+) has its `files` and `dns` backends built in, so
+# /etc/hosts and /etc/resolv.conf are read; other NSS modules cannot be loaded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
