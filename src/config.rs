@@ -183,6 +183,8 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub self_signed: bool,
+    /// `[tls.acme]`: automatic certificates; `cert`/`key` are then unused.
+    pub acme: Option<AcmeConfig>,
 }
 
 impl Default for TlsConfig {
@@ -191,8 +193,25 @@ impl Default for TlsConfig {
             cert: "certs/tls.crt".into(),
             key: "certs/tls.key".into(),
             self_signed: false,
+            acme: None,
         }
     }
+}
+
+/// `[tls.acme]`: certificates ordered and renewed over ACME with TLS-ALPN-01.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// The CA's directory, e.g. `https://acme-v02.api.letsencrypt.org/directory`.
+    pub directory_url: String,
+    pub domains: Vec<String>,
+    /// `mailto:` URI for the CA's expiry and incident mail.
+    pub contact: String,
+    /// Account key and issued certificate; relative to the config file's directory.
+    pub cache_dir: PathBuf,
+    /// Extra trust for the directory's HTTPS certificate (a private or test CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -449,6 +468,8 @@ pub struct Settings {
     pub redirect_allowlist: Vec<RedirectRule>,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
+    /// `[tls.acme]`, validated, paths resolved.
+    pub acme: Option<crate::acme::AcmeSettings>,
     /// `[server]`/`[admin]` connection limits and the upgrade allowlist, typed.
     pub conn: ConnSettings,
 }
@@ -719,7 +740,12 @@ impl Config {
         };
         let tls_cert = resolve(&self.tls.cert);
         let tls_key = resolve(&self.tls.key);
-        if !self.tls.self_signed {
+        let acme = self
+            .tls
+            .acme
+            .as_ref()
+            .and_then(|a| check_acme(&mut c, a, self.tls.self_signed, &resolve));
+        if !self.tls.self_signed && self.tls.acme.is_none() {
             c.readable_file("tls.cert", &tls_cert);
             c.readable_file("tls.key", &tls_key);
         }
@@ -1023,6 +1049,7 @@ impl Config {
             redirect_allowlist,
             tls_cert,
             tls_key,
+            acme,
             conn: ConnSettings {
                 max_connections: self.server.max_connections,
                 max_connections_per_ip: self.server.max_connections_per_ip,
@@ -1042,6 +1069,88 @@ impl Config {
             config: self,
         })
     }
+}
+
+/// `[tls.acme]`. `cache_dir` is created (and proven writable) at start-up by `run` and
+/// `check` alike; here only what the text can say.
+fn check_acme(
+    c: &mut Checker,
+    a: &AcmeConfig,
+    self_signed: bool,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Option<crate::acme::AcmeSettings> {
+    let before = c.problems.len();
+    if self_signed {
+        c.bad(
+            "tls.self_signed",
+            "cannot be combined with [tls.acme] (which certificate would be served?)",
+        );
+    }
+    c.url("tls.acme.directory_url", &a.directory_url, false);
+    if a.domains.is_empty() {
+        c.bad("tls.acme.domains", "must list at least one domain");
+    }
+    let mut domains = Vec::new();
+    for (i, d) in a.domains.iter().enumerate() {
+        let key = format!("tls.acme.domains[{i}]");
+        let lower = d.to_ascii_lowercase();
+        if lower.starts_with("*.") {
+            c.bad(
+                &key,
+                format!(
+                    "{d:?}: wildcards need DNS-01; TLS-ALPN-01 validates one name per connection"
+                ),
+            );
+        } else if lower.parse::<IpAddr>().is_ok() {
+            c.bad(&key, format!("{d:?}: an IP address, not a domain name"));
+        } else if rustls_pki_types::DnsName::try_from(lower.as_str()).is_err()
+            || !lower.contains('.') && lower != "localhost"
+        {
+            c.bad(
+                &key,
+                format!("{d:?} is not a DNS name (e.g. \"pay.example.com\")"),
+            );
+        } else if domains.contains(&lower) {
+            c.bad(&key, format!("{d:?} is listed twice"));
+        } else {
+            domains.push(lower);
+        }
+    }
+    match a.contact.strip_prefix("mailto:") {
+        Some(addr)
+            if addr
+                .split_once('@')
+                .is_some_and(|(l, h)| !l.is_empty() && h.contains('.'))
+                && !addr.contains([' ', ',', '?', '<', '>']) => {}
+        _ => c.bad(
+            "tls.acme.contact",
+            format!(
+                "must be a mailto: URI such as \"mailto:ops@example.com\" (got {:?})",
+                a.contact
+            ),
+        ),
+    }
+    if a.cache_dir.as_os_str().is_empty() {
+        c.bad("tls.acme.cache_dir", "must name a directory");
+    }
+    let cache_dir = resolve(&a.cache_dir);
+    if cache_dir.exists() && !cache_dir.is_dir() {
+        c.bad(
+            "tls.acme.cache_dir",
+            format!("{} exists and is not a directory", cache_dir.display()),
+        );
+    }
+    let ca_file = a.ca_file.as_deref().map(resolve);
+    if let Some(path) = &ca_file {
+        c.readable_file("tls.acme.ca_file", path);
+    }
+    (c.problems.len() == before).then(|| crate::acme::AcmeSettings {
+        directory_url: a.directory_url.clone(),
+        domains,
+        contact: a.contact.clone(),
+        cache_dir,
+        ca_file,
+    })
 }
 
 impl Config {
@@ -1453,5 +1562,57 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(problems[0].key, "webhooks.forward_path", "{problems:?}");
+    }
+
+    const ACME: &str = "[tls.acme]\ndirectory_url = \"https://acme.example/dir\"\ndomains = [\"pay.example.com\"]\ncontact = \"mailto:ops@example.com\"\ncache_dir = \"/var/lib/onramp-gateway/acme\"\n";
+
+    #[test]
+    fn acme_replaces_the_certificate_files() {
+        // No tls.cert/tls.key on disk: with [tls.acme] they are not needed.
+        let s = validate(ACME).expect("valid");
+        let a = s.acme.expect("acme settings");
+        assert_eq!(a.domains, vec!["pay.example.com".to_string()]);
+        assert_eq!(
+            a.cert_path(),
+            Path::new("/var/lib/onramp-gateway/acme/cert.pem")
+        );
+    }
+
+    #[test]
+    fn acme_keys_are_checked_and_named() {
+        let bad = |from: &str, to: &str| -> Vec<String> {
+            validate(&ACME.replace(from, to))
+                .unwrap_err()
+                .into_iter()
+                .map(|p| p.key)
+                .collect()
+        };
+        assert_eq!(
+            bad("mailto:ops@example.com", "ops@example.com"),
+            ["tls.acme.contact"]
+        );
+        assert_eq!(
+            bad("\"pay.example.com\"", "\"*.example.com\""),
+            ["tls.acme.domains[0]"]
+        );
+        assert_eq!(
+            bad("\"pay.example.com\"", "\"10.0.0.1\""),
+            ["tls.acme.domains[0]"]
+        );
+        assert_eq!(bad("[\"pay.example.com\"]", "[]"), ["tls.acme.domains"]);
+        assert_eq!(
+            bad("https://acme.example/dir", "http://acme.example/dir"),
+            ["tls.acme.directory_url"]
+        );
+        assert_eq!(
+            bad("[tls.acme]", "[tls]\nself_signed = true\n[tls.acme]"),
+            ["tls.self_signed"]
+        );
+        assert_eq!(
+            bad("cache_dir", "ca_file = \"/nonexistent/ca.pem\"\ncache_dir"),
+            ["tls.acme.ca_file"]
+        );
+        let unknown = parse(&ACME.replace("cache_dir", "renew_days = 3\ncache_dir")).unwrap_err();
+        assert!(unknown.1.contains("renew_days"), "{unknown:?}");
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Module map (one job each):
 //! - [`config`]: `config.toml` into typed, validated settings.
-//! - [`tls`]: certificates and the rustls server config (reloadable).
+//! - [`tls`]: certificates and the rustls server config (reloadable); [`acme`]: ordering
+//!   and renewing them over ACME (TLS-ALPN-01) into that same store.
 //! - [`listener`]: accept loop, connection limits, timeouts, per-connection HTTP.
 //! - [`client_ip`]: the client IP decision (socket peer; trusted proxies).
 //! - [`routes`]: routing, access log, request metrics.
@@ -23,6 +24,7 @@
 //! - [`webhook`]: Coinbase's transaction webhooks, verified and forwarded to the app; the
 //!   `webhooks subscribe`/`list` commands.
 
+pub mod acme;
 pub mod admin;
 pub mod api;
 pub mod body;

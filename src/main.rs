@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
+use onramp_gateway::acme::Acme;
 use onramp_gateway::cdp::key::CdpKey;
 use onramp_gateway::config::{self, AddressSource, Settings};
 use onramp_gateway::server::{self, Prepared};
@@ -91,7 +92,19 @@ fn load_cdp_key(settings: &Settings) -> Result<Option<CdpKey>, String> {
 
 /// Loads what the config points at (certificate, CDP key), without binding anything.
 fn prepare(settings: Settings) -> Result<Prepared, String> {
-    let source = if settings.config.tls.self_signed {
+    // Before the certificate: a cache_dir that cannot be created or written is refused
+    // here, by `check` too, not later by the order task.
+    let acme = match &settings.acme {
+        Some(a) => Some(Acme::prepare(a.clone()).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let source = if let Some(a) = &settings.acme {
+        CertSource::Acme {
+            cert: a.cert_path(),
+            key: a.key_path(),
+            domains: a.domains.clone(),
+        }
+    } else if settings.config.tls.self_signed {
         CertSource::SelfSigned
     } else {
         CertSource::Files {
@@ -124,6 +137,7 @@ fn prepare(settings: Settings) -> Result<Prepared, String> {
         cdp_key,
         ticket_secret,
         webhook_secrets,
+        acme,
     })
 }
 
@@ -254,7 +268,14 @@ fn summary_lines(s: &Settings) -> Vec<String> {
         ),
         format!(
             "tls:            {}",
-            if c.tls.self_signed {
+            if let Some(a) = &s.acme {
+                format!(
+                    "acme {} for {} (cache {})",
+                    a.directory_url,
+                    a.domains.join(", "),
+                    a.cache_dir.display()
+                )
+            } else if c.tls.self_signed {
                 "self-signed (development only)".to_string()
             } else {
                 format!("{} + {}", s.tls_cert.display(), s.tls_key.display())

@@ -54,6 +54,15 @@ pub enum StartError {
     Other(String),
 }
 
+/// Aborts a background task when dropped (the ACME order task ends with the server).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Everything loaded and checked before any socket is bound.
 pub struct Prepared {
     pub settings: Arc<Settings>,
@@ -63,6 +72,8 @@ pub struct Prepared {
     pub ticket_secret: Option<TicketSecret>,
     /// The webhook subscription secrets (`webhooks.path` set), read at start-up.
     pub webhook_secrets: Option<crate::webhook::signature::WebhookSecrets>,
+    /// `[tls.acme]`: the order task, started once the HTTPS listener is bound.
+    pub acme: Option<crate::acme::Acme>,
 }
 
 pub async fn run(prepared: Prepared) -> Result<(), StartError> {
@@ -72,6 +83,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         cdp_key,
         ticket_secret,
         webhook_secrets,
+        acme,
     } = prepared;
     let c = &settings.config;
     tracing::info!(
@@ -302,6 +314,9 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
         ));
     }
 
+    // After the listener is accepting: the CA's validation connects to it. Aborted when
+    // `run` returns (dropping the handle alone would leave the task running).
+    let acme_task = acme.map(|a| AbortOnDrop(a.spawn(certs.clone())));
     readiness.set_listeners_bound();
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "ready");
 
@@ -333,6 +348,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
     admin_stop.cancel();
     admin_tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_tasks.wait()).await;
+    drop(acme_task);
     tracing::info!("shutdown complete");
     Ok(())
 }
@@ -569,6 +585,13 @@ impl TlsFrontend {
     {
         let tls = match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(io)).await
         {
+            // A TLS-ALPN-01 validation: the handshake was the whole answer (RFC 8737 §3).
+            Ok(Ok(mut tls))
+                if tls.get_ref().1.alpn_protocol() == Some(crate::acme::ACME_TLS_ALPN) =>
+            {
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+                return;
+            }
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 let reason = handshake_failure_reason(&e);

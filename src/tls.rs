@@ -6,6 +6,7 @@
 //! certificate while established connections keep the one they negotiated. A
 //! failed reload never replaces a working certificate.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -142,8 +143,19 @@ pub fn self_signed() -> Result<CertifiedKey, TlsError> {
 /// Where the served certificate comes from.
 #[derive(Debug, Clone)]
 pub enum CertSource {
-    Files { cert: PathBuf, key: PathBuf },
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+    },
     SelfSigned,
+    /// `[tls.acme]`: the cache in `tls.acme.cache_dir`, written by `acme`'s order task.
+    /// Until a first certificate is issued, an in-memory self-signed one for `domains`
+    /// is served (clients cannot verify it: there is nothing better to serve yet).
+    Acme {
+        cert: PathBuf,
+        key: PathBuf,
+        domains: Vec<String>,
+    },
 }
 
 impl CertSource {
@@ -151,8 +163,37 @@ impl CertSource {
         match self {
             CertSource::Files { cert, key } => load_certified_key(cert, key),
             CertSource::SelfSigned => self_signed(),
+            CertSource::Acme { cert, key, .. } => load_certified_key(cert, key),
         }
     }
+
+    /// What to serve at start: the source's certificate, or for ACME with no usable
+    /// cache yet, a placeholder (a bad cache is re-ordered, never a reason not to start).
+    fn load_initial(&self) -> Result<CertifiedKey, TlsError> {
+        match (self.load(), self) {
+            (Ok(k), _) => Ok(k),
+            (Err(e), CertSource::Acme { domains, .. }) => {
+                if !matches!(&e, TlsError::ReadCert { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+                {
+                    tracing::warn!(error = %e, "tls.acme: cached certificate unusable; a new one is ordered");
+                }
+                self_signed_for(domains.clone())
+            }
+            (Err(e), _) => Err(e),
+        }
+    }
+}
+
+/// An in-memory self-signed certificate for `names`.
+pub fn self_signed_for(names: Vec<String>) -> Result<CertifiedKey, TlsError> {
+    let generated = rcgen::generate_simple_self_signed(names)
+        .map_err(|e| TlsError::SelfSigned(e.to_string()))?;
+    certified_key_from_pem(
+        generated.cert.pem().as_bytes(),
+        generated.signing_key.serialize_pem().as_bytes(),
+        Path::new("<self-signed>"),
+        Path::new("<self-signed>"),
+    )
 }
 
 /// Told about every certificate that goes live (metrics: expiry time).
@@ -163,6 +204,8 @@ pub struct CertStore {
     source: CertSource,
     current: ArcSwap<CertifiedKey>,
     observer: std::sync::OnceLock<CertObserver>,
+    /// TLS-ALPN-01 answers by SNI name, set by the ACME order task while it validates.
+    challenges: ArcSwap<HashMap<String, Arc<CertifiedKey>>>,
 }
 
 impl std::fmt::Debug for CertStore {
@@ -175,12 +218,30 @@ impl std::fmt::Debug for CertStore {
 
 impl CertStore {
     pub fn load(source: CertSource) -> Result<Arc<Self>, TlsError> {
-        let first = source.load()?;
+        let first = source.load_initial()?;
         Ok(Arc::new(Self {
             source,
             current: ArcSwap::from_pointee(first),
             observer: std::sync::OnceLock::new(),
+            challenges: ArcSwap::from_pointee(HashMap::new()),
         }))
+    }
+
+    /// Serves `key` to TLS-ALPN-01 validation handshakes (ALPN `acme-tls/1`) for `name`.
+    pub fn set_challenge(&self, name: String, key: Arc<CertifiedKey>) {
+        self.challenges.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.insert(name.to_ascii_lowercase(), key.clone());
+            m
+        });
+    }
+
+    pub fn clear_challenges(&self) {
+        self.challenges.store(Arc::new(HashMap::new()));
+    }
+
+    fn is_acme(&self) -> bool {
+        matches!(self.source, CertSource::Acme { .. })
     }
 
     /// Re-reads the files. On error the current certificate stays in use.
@@ -260,9 +321,22 @@ async fn fingerprint(cert: &Path, key: &Path) -> Option<u64> {
 }
 
 impl ResolvesServerCert for CertStore {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // A validation connection offers `acme-tls/1` alone (RFC 8737 §3); it gets the
+        // challenge certificate for its SNI or no handshake at all, never the real one.
+        if self.is_acme() && is_acme_validation(&hello) {
+            let name = hello.server_name()?.to_ascii_lowercase();
+            return self.challenges.load().get(&name).cloned();
+        }
         Some(self.current.load_full())
     }
+}
+
+fn is_acme_validation(hello: &ClientHello<'_>) -> bool {
+    let Some(mut protocols) = hello.alpn() else {
+        return false;
+    };
+    protocols.next() == Some(crate::acme::ACME_TLS_ALPN) && protocols.next().is_none()
 }
 
 /// The leaf certificate's notAfter, in seconds since the Unix epoch.
@@ -273,12 +347,20 @@ pub fn not_after(key: &CertifiedKey) -> Option<i64> {
 }
 
 /// TLS 1.2 and 1.3 only, ALPN `h2` then `http/1.1`.
+/// With `[tls.acme]`, `acme-tls/1` too (for TLS-ALPN-01 validation connections).
 pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsError> {
+    let store_is_acme = store.is_acme();
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(store);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if store_is_acme {
+        // Last: a client offering h2 or http/1.1 never gets acme-tls/1.
+        config
+            .alpn_protocols
+            .push(crate::acme::ACME_TLS_ALPN.to_vec());
+    }
     Ok(Arc::new(config))
 }
 

@@ -3,7 +3,9 @@
 
 mod common;
 
+mod acme;
 mod browser;
+mod container;
 mod deploy_manifests;
 mod faults;
 mod jwt_crosscheck;

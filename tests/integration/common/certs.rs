@@ -283,7 +283,7 @@ fn der_tlv(input: &[u8]) -> (u8, &[u8], &[u8]) {
     (tag, &input[hdr..hdr + len], &input[hdr + len..])
 }
 
-fn pem_encode(label: &str, der: &[u8]) -> String {
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut out = format!("-----BEGIN {label}-----\n");

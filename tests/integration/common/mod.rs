@@ -6,5 +6,6 @@ pub mod certs;
 pub mod context_app;
 pub mod fake_cdp;
 pub mod gateway;
+pub mod pebble;
 pub mod redis;
 pub mod upstream;
