@@ -316,7 +316,7 @@ async fn run(tools: crate::common::browser::Tools) {
     // Refused on Chromium's own Sec-Fetch-Site (not the Referer fallback).
     let (_, metrics) = gateway.admin_get("/metrics").await;
     assert_eq!(
-        crate::minting::metric(
+        crate::common::metric(
             &metrics,
             "onramp_gateway_mint_refused_total",
             &[("reason", "fetch_site")]

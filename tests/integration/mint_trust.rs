@@ -13,10 +13,10 @@ use serde_json::{json, Value};
 use crate::common::certs::{install_provider, Alpn};
 use crate::common::fake_cdp::{FakeCdp, Mode, TestKey};
 use crate::common::gateway::{Gateway, GatewayBuilder};
+use crate::common::metric;
 use crate::common::redis::RedisServer;
 use crate::common::upstream::Upstream;
 use crate::load_balancer::{connect_with_preamble, h1_get, v2};
-use crate::minting::metric;
 
 const ADDR: &str = "0x1111111111111111111111111111111111111111";
 const TICKET_ADDR: &str = "0x3333333333333333333333333333333333333333";

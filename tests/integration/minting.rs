@@ -19,6 +19,7 @@ use crate::common::certs::{self, Alpn};
 use crate::common::context_app::{self, Anonymous, ContextApp};
 use crate::common::fake_cdp::{FakeCdp, Mode, TestKey};
 use crate::common::gateway::{field_str, run_binary, Gateway, GatewayBuilder};
+use crate::common::metric;
 use crate::common::upstream::{dead_address, Upstream};
 
 /// A well-formed EVM address (lowercase: the EIP-55 checksum is not in play).
@@ -210,21 +211,6 @@ async fn problem_detail(resp: reqwest::Response) -> String {
     );
     let v: Value = resp.json().await.expect("problem+json body");
     v["detail"].as_str().unwrap_or_default().to_string()
-}
-
-/// Sum of the samples of `name` whose labels include `labels`.
-pub(crate) fn metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    metrics
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .reduce(|a, b| a + b)
 }
 
 fn is_access_log(e: &Value, path: &str) -> bool {

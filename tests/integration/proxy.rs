@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::certs::Alpn;
 use crate::common::gateway::{field, Gateway, GatewayBuilder};
+use crate::common::metric as metric_value;
 use crate::common::upstream::{dead_address, pattern_bytes, sha256_hex, Upstream};
 
 const MIB5: usize = 5 * 1024 * 1024;
@@ -467,20 +468,6 @@ async fn onramp_without_cdp_key_is_503_while_proxy_works() {
     // SPEC: without a key the pod is not ready, though alive and proxying.
     assert_eq!(gw.admin_get("/healthz").await.0, 200);
     assert_eq!(gw.admin_get("/readyz").await.0, 503);
-}
-
-fn metric_value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    metrics
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .reduce(|a, b| a + b)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

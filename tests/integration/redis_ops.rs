@@ -14,9 +14,9 @@ use serde_json::json;
 use crate::common::certs::{install_provider, Alpn, KeyFormat, TestPki};
 use crate::common::fake_cdp::{FakeCdp, TestKey};
 use crate::common::gateway::{Gateway, GatewayBuilder};
+use crate::common::metric;
 use crate::common::redis::{RedisCluster, RedisServer};
 use crate::common::upstream::Upstream;
-use crate::minting::metric;
 
 const ONRAMP: &str = "/onramp?address=0x1111111111111111111111111111111111111111&blockchains=base";
 const NO_LIMIT: &str = "requests_per_minute = 60000\nburst = 1000";

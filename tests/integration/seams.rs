@@ -10,24 +10,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::certs::Alpn;
 use crate::common::gateway::{Gateway, GatewayBuilder};
+use crate::common::metric;
 use crate::common::upstream::Upstream;
 
 type Wss = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
-
-/// Sums the samples of `name` (with every `labels` pair) in a Prometheus text page.
-fn metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    metrics
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .reduce(|a, b| a + b)
-}
 
 async fn connections_active(gw: &Gateway) -> f64 {
     let (_, m) = gw.admin_get("/metrics").await;
