@@ -12,25 +12,17 @@
 //! Chromium --HTTP--> Coinbase stand-in           (GET /buy/select-asset?sessionToken=..)
 //! ```
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use fantoccini::Locator;
-use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::Full;
+use http::{Request, StatusCode};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 use crate::common::browser::{tools_or_skip, Browser, CertTrust};
 use crate::common::fake_cdp::{FakeCdp, TestKey};
 use crate::common::gateway::{field_str, GatewayBuilder};
+use crate::common::page_server::{tls_acceptor, PageServer};
 
 /// A lower-case EVM address (no EIP-55 checksum to get wrong).
 const ADDRESS: &str = "0x71c7656ec7ab88b098defb751b7401b5f6d8976f";
@@ -41,91 +33,6 @@ const STANDIN_PATH: &str = "/buy/select-asset";
 /// The whole test, browser start included; a healthy run takes a few seconds.
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 const STEP: Duration = Duration::from_secs(30);
-
-/// One request as a test server saw it.
-#[derive(Clone, Debug)]
-struct Seen {
-    path_and_query: String,
-    headers: HeaderMap,
-}
-
-/// A tiny HTML server on 127.0.0.1 (HTTP/1.1), on the test's runtime; stops on drop.
-struct HtmlServer {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    task: JoinHandle<()>,
-}
-
-impl HtmlServer {
-    async fn start(page: fn(&Request<Incoming>) -> (StatusCode, String)) -> HtmlServer {
-        Self::start_with(page, None).await
-    }
-
-    /// Like [`start`](Self::start), over TLS with `tls` (HTTP/1.1).
-    async fn start_with(
-        page: fn(&Request<Incoming>) -> (StatusCode, String),
-        tls: Option<tokio_rustls::TlsAcceptor>,
-    ) -> HtmlServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let log = log.clone();
-                let tls = tls.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let log = log.clone();
-                        async move {
-                            log.lock().unwrap().push(Seen {
-                                path_and_query: req
-                                    .uri()
-                                    .path_and_query()
-                                    .map(|p| p.to_string())
-                                    .unwrap_or_default(),
-                                headers: req.headers().clone(),
-                            });
-                            let (status, html) = page(&req);
-                            let resp = Response::builder()
-                                .status(status)
-                                .header("content-type", "text/html; charset=utf-8")
-                                .header("cache-control", "no-store")
-                                .body(Full::new(Bytes::from(html)))
-                                .expect("response");
-                            Ok::<_, Infallible>(resp)
-                        }
-                    });
-                    let http = hyper::server::conn::http1::Builder::new();
-                    match tls {
-                        None => {
-                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
-                        }
-                        Some(acceptor) => {
-                            if let Ok(stream) = acceptor.accept(stream).await {
-                                let _ = http.serve_connection(TokioIo::new(stream), svc).await;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        HtmlServer { addr, seen, task }
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-impl Drop for HtmlServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 /// The existing app: a page with the "Buy crypto" link (anything else: 404).
 fn app_page(req: &Request<Incoming>) -> (StatusCode, String) {
@@ -233,8 +140,8 @@ async fn chromium_buys_crypto_through_the_gateway() {
 
 async fn run(tools: crate::common::browser::Tools) {
     let started = Instant::now();
-    let app = HtmlServer::start(app_page).await;
-    let standin = HtmlServer::start(standin_page).await;
+    let app = PageServer::html(app_page, None).await;
+    let standin = PageServer::html(standin_page, None).await;
     let key = TestKey::es256_sec1();
     let fake = FakeCdp::start(&key);
 
@@ -254,7 +161,7 @@ async fn run(tools: crate::common::browser::Tools) {
     let trust = CertTrust::pin_leaf_of(&gateway.config.pki);
     let _ =
         GATEWAY_ONRAMP.set(gateway.url(&format!("/onramp?address={ATTACKER}&blockchains=base")));
-    let other_site = HtmlServer::start(other_site_page).await;
+    let other_site = PageServer::html(other_site_page, None).await;
 
     let browser = Browser::launch(&tools, trust).await;
     let c = browser.client();
@@ -489,23 +396,6 @@ fn fund_app_page(req: &Request<Incoming>) -> (StatusCode, String) {
     }
 }
 
-/// A TLS acceptor presenting the gateway's own test leaf: Chromium accepts it for any
-/// host name only because its key is the pinned one.
-fn standin_tls(pki: &crate::common::certs::TestPki) -> tokio_rustls::TlsAcceptor {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pki.cert_path)
-        .expect("cert pem")
-        .collect::<Result<_, _>>()
-        .expect("certs");
-    let key = PrivateKeyDer::from_pem_file(&pki.key_path).expect("key pem");
-    let config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .expect("stand-in TLS config");
-    tokio_rustls::TlsAcceptor::from(Arc::new(config))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_buys_through_the_fund_page() {
     let Some(tools) = tools_or_skip("browser::chromium_buys_through_the_fund_page") else {
@@ -518,7 +408,7 @@ async fn chromium_buys_through_the_fund_page() {
 
 async fn run_fund_page(tools: crate::common::browser::Tools) {
     crate::common::certs::install_provider();
-    let app = HtmlServer::start(fund_app_page).await;
+    let app = PageServer::html(fund_app_page, None).await;
     let key = TestKey::es256_sec1();
     let fake = FakeCdp::start(&key);
     let mut builder = GatewayBuilder::new(&format!("http://{}", app.addr))
@@ -529,9 +419,9 @@ async fn run_fund_page(tools: crate::common::browser::Tools) {
     }
     let gateway = builder.start().await;
     // Coinbase's host, resolved by Chromium to a loopback TLS stand-in.
-    let standin = HtmlServer::start_with(
+    let standin = PageServer::html(
         |req| standin_page_at(req, "/buy"),
-        Some(standin_tls(&gateway.config.pki)),
+        Some(tls_acceptor(&gateway.config.pki)),
     )
     .await;
     let trust = CertTrust::pin_leaf_of(&gateway.config.pki);

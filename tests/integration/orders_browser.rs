@@ -12,109 +12,21 @@
 //! Chromium --TLS--> stand-in "pay.coinbase.com" (iframe)
 //! ```
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use fantoccini::Locator;
-use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::Full;
+use http::{Request, StatusCode};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::json;
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 use crate::common::browser::{tools_or_skip, Browser, CertTrust};
-use crate::common::certs::{install_provider, TestPki};
 use crate::common::fake_cdp::{Endpoint, FakeCdp, TestKey};
 use crate::common::gateway::GatewayBuilder;
+use crate::common::page_server::{tls_acceptor, PageServer};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 const STEP: Duration = Duration::from_secs(30);
 const WALLET: &str = "0x71c7656ec7ab88b098defb751b7401b5f6d8976f";
-
-#[derive(Clone, Debug)]
-struct Seen {
-    path_and_query: String,
-    headers: HeaderMap,
-}
-
-type Page = fn(&Request<Incoming>) -> (StatusCode, Vec<(&'static str, String)>, String);
-
-/// A tiny server on 127.0.0.1 (HTTP/1.1, optionally TLS), on the test's runtime.
-struct Server {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    task: JoinHandle<()>,
-}
-
-impl Server {
-    async fn start(page: Page, tls: Option<tokio_rustls::TlsAcceptor>) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (log, tls) = (log.clone(), tls.clone());
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let log = log.clone();
-                        async move {
-                            log.lock().unwrap().push(Seen {
-                                path_and_query: req
-                                    .uri()
-                                    .path_and_query()
-                                    .map(|p| p.to_string())
-                                    .unwrap_or_default(),
-                                headers: req.headers().clone(),
-                            });
-                            let (status, headers, body) = page(&req);
-                            let mut b = Response::builder().status(status);
-                            for (k, v) in headers {
-                                b = b.header(k, v);
-                            }
-                            Ok::<_, Infallible>(
-                                b.body(Full::new(Bytes::from(body))).expect("response"),
-                            )
-                        }
-                    });
-                    let http = hyper::server::conn::http1::Builder::new();
-                    match tls {
-                        Some(acceptor) => {
-                            if let Ok(s) = acceptor.accept(stream).await {
-                                let _ = http.serve_connection(TokioIo::new(s), svc).await;
-                            }
-                        }
-                        None => {
-                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
-                        }
-                    }
-                });
-            }
-        });
-        Server { addr, seen, task }
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 const HTML: &str = "text/html; charset=utf-8";
 
@@ -188,22 +100,6 @@ fn pay_page(req: &Request<Incoming>) -> (StatusCode, Vec<(&'static str, String)>
     )
 }
 
-/// TLS with the gateway's own leaf (so the one pinned key covers both servers).
-fn acceptor(pki: &TestPki) -> tokio_rustls::TlsAcceptor {
-    install_provider();
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pki.cert_path)
-        .expect("read chain")
-        .map(|c| c.expect("cert"))
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(&pki.key_path).expect("read key");
-    let mut cfg = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .expect("server config");
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_embeds_the_payment_link_as_coinbase_requires() {
     let Some(tools) =
@@ -217,7 +113,7 @@ async fn chromium_embeds_the_payment_link_as_coinbase_requires() {
 }
 
 async fn run(tools: crate::common::browser::Tools) {
-    let app = Server::start(app_page, None).await;
+    let app = PageServer::start(app_page, None).await;
     let key = TestKey::es256_sec1();
     let fake = FakeCdp::start(&key);
     let mut builder = GatewayBuilder::new(&format!("http://{}", app.addr))
@@ -235,7 +131,7 @@ async fn run(tools: crate::common::browser::Tools) {
         builder = builder.env(&k, &v);
     }
     let gateway = builder.start().await;
-    let pay = Server::start(pay_page, Some(acceptor(&gateway.config.pki))).await;
+    let pay = PageServer::start(pay_page, Some(tls_acceptor(&gateway.config.pki))).await;
     let trust = CertTrust::pin_leaf_of(&gateway.config.pki);
     let browser = Browser::launch_with(
         &tools,

@@ -6,6 +6,7 @@ pub mod certs;
 pub mod context_app;
 pub mod fake_cdp;
 pub mod gateway;
+pub mod page_server;
 pub mod pebble;
 pub mod redis;
 pub mod upstream;
