@@ -66,6 +66,9 @@ pub struct WebhookLabels {
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
+    /// Handles into `requests`, by route and status: counting a request is then one
+    /// atomic add instead of the family's lock and SipHash lookup on every response.
+    request_counters: Box<[std::sync::OnceLock<Counter>]>,
     pub connections_active: Gauge,
     pub connections_accepted: Counter,
     pub tls_handshake_failures: Family<ReasonLabels, Counter>,
@@ -92,6 +95,18 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Statuses 100..=599 of each route have a cached counter handle (others, which hyper
+/// allows up to 999, go through the family).
+const CACHED_STATUSES: std::ops::RangeInclusive<u16> = 100..=599;
+const ROUTES: usize = Route::webhook as usize + 1;
+
+fn request_counter_slot(route: Route, status: u16) -> Option<usize> {
+    CACHED_STATUSES.contains(&status).then(|| {
+        let per_route = CACHED_STATUSES.len();
+        route as usize * per_route + usize::from(status - CACHED_STATUSES.start())
+    })
 }
 
 impl Metrics {
@@ -194,6 +209,9 @@ impl Metrics {
             protocol_errors,
             connections_refused,
             requests,
+            request_counters: (0..ROUTES * CACHED_STATUSES.len())
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
             connections_active,
             connections_accepted,
             tls_handshake_failures,
@@ -206,9 +224,13 @@ impl Metrics {
     }
 
     pub fn count_request(&self, route: Route, status: u16) {
-        self.requests
-            .get_or_create(&RequestLabels { route, status })
-            .inc();
+        let labels = || RequestLabels { route, status };
+        match request_counter_slot(route, status).and_then(|i| self.request_counters.get(i)) {
+            Some(slot) => slot
+                .get_or_init(|| self.requests.get_or_create(&labels()).clone())
+                .inc(),
+            None => self.requests.get_or_create(&labels()).inc(),
+        };
     }
 
     pub fn count_mint(&self, kind: Route, result: &'static str) {
@@ -304,5 +326,39 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }
+    }
+
+    #[test]
+    fn cached_request_counters_count_into_the_family() {
+        let m = Metrics::new();
+        for _ in 0..3 {
+            m.count_request(Route::proxy, 200);
+        }
+        m.count_request(Route::webhook, 599);
+        m.count_request(Route::api, 100);
+        // Outside the cached range: counted through the family directly.
+        m.count_request(Route::proxy, 999);
+        let text = m.render();
+        for line in [
+            "onramp_gateway_requests_total{route=\"proxy\",status=\"200\"} 3",
+            "onramp_gateway_requests_total{route=\"webhook\",status=\"599\"} 1",
+            "onramp_gateway_requests_total{route=\"api\",status=\"100\"} 1",
+            "onramp_gateway_requests_total{route=\"proxy\",status=\"999\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        // Every (route, status) has its own slot.
+        let slots: std::collections::HashSet<usize> = [
+            Route::proxy,
+            Route::onramp,
+            Route::offramp,
+            Route::api,
+            Route::webhook,
+        ]
+        .into_iter()
+        .flat_map(|r| CACHED_STATUSES.map(move |s| request_counter_slot(r, s).unwrap()))
+        .collect();
+        assert_eq!(slots.len(), ROUTES * CACHED_STATUSES.len());
+        assert!(slots.iter().all(|&i| i < m.request_counters.len()));
     }
 }
