@@ -157,9 +157,12 @@ impl Handler for App {
             Ok(()) => self.dispatch(req, route, client, &conn).await,
             Err(e) => e.into_response(req.headers()),
         };
-        response
-            .headers_mut()
-            .insert(X_REQUEST_ID, request_id.clone());
+        // Unique per response: HTTP/2 must not add it to the HPACK table (each one would
+        // evict the fields that do repeat, Content-Type, Server, Date, and make every
+        // response re-send them literally). Sensitive = "never indexed" (RFC 7541 §6.2.3).
+        let mut echoed = request_id.clone();
+        echoed.set_sensitive(true);
+        response.headers_mut().insert(X_REQUEST_ID, echoed);
         let status = response.status().as_u16();
         self.metrics.count_request(route, status);
         tracing::info!(
@@ -247,8 +250,14 @@ fn request_id(headers: &http::HeaderMap, peer_trusted: bool) -> HeaderValue {
             }
         }
     }
-    let id = format!("{:032x}", rand::random::<u128>());
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    // Hex on the stack: one allocation (the header value's own) per request.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = rand::random::<u128>();
+    let mut id = [0u8; 32];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// Size of the request head as the client sent it (HTTP/1.1 wire form): the limit
@@ -296,6 +305,13 @@ mod tests {
         let fresh = request_id(&h, false);
         assert_ne!(fresh, "abc-123");
         assert_eq!(fresh.len(), 32);
+        assert!(
+            fresh
+                .as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)),
+            "{fresh:?}"
+        );
         h.insert(X_REQUEST_ID, HeaderValue::from_static("bad id<script>"));
         assert_ne!(request_id(&h, true), "bad id<script>");
         assert_ne!(request_id(&http::HeaderMap::new(), false), fresh);
