@@ -9,8 +9,6 @@ use std::time::Duration;
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, HOST, LOCATION};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -25,7 +23,10 @@ use crate::cdp::key::CdpKey;
 use crate::client_ip::{ClientIpPolicy, ConnInfo};
 use crate::config::{LimiterBackend, Settings};
 use crate::conn_limit::{ConnLease, ConnLimits};
-use crate::listener::{accept_loop, http_builder, serve_http, ConnTimeouts, Handler, HttpSettings};
+use crate::listener::{
+    accept_loop, http_builder, serve_http, ConnTimeouts, Handler, HttpBuilders, HttpSettings,
+    Protocol,
+};
 use crate::metrics::Metrics;
 use crate::mint::Minter;
 use crate::proxy::{Proxy, ProxySettings};
@@ -524,13 +525,14 @@ async fn wait_for_shutdown_signal(certs: &CertStore) -> Result<(), StartError> {
     }
 }
 
-/// A plain-HTTP connection (the HTTP→HTTPS redirect listener, the admin listener).
+/// A plain-HTTP connection (the HTTP→HTTPS redirect listener, the admin listener):
+/// HTTP/1.1, what probes, scrapers and browsers speak there (no h2c).
 #[allow(clippy::too_many_arguments)]
 async fn serve_plain<H: Handler>(
     stream: TcpStream,
     peer: SocketAddr,
     lease: ConnLease,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<HttpBuilders>,
     handler: Arc<H>,
     timeouts: ConnTimeouts,
     drain: CancellationToken,
@@ -538,14 +540,24 @@ async fn serve_plain<H: Handler>(
 ) {
     let local = stream.local_addr().unwrap_or(peer);
     let conn = Arc::new(ConnInfo::new(peer, local).with_lease(lease));
-    serve_http(stream, conn, builder, handler, timeouts, drain, metrics).await;
+    serve_http(
+        stream,
+        Protocol::Http1,
+        conn,
+        builder,
+        handler,
+        timeouts,
+        drain,
+        metrics,
+    )
+    .await;
 }
 
 /// The HTTPS listener's per-connection work: optional PROXY header, TLS handshake
 /// (bounded by the header read timeout), then HTTP.
 struct TlsFrontend {
     acceptor: TlsAcceptor,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<HttpBuilders>,
     app: Arc<App>,
     metrics: Arc<Metrics>,
     drain: CancellationToken,
@@ -605,8 +617,10 @@ impl TlsFrontend {
                 return;
             }
         };
+        let protocol = Protocol::from_alpn(tls.get_ref().1.alpn_protocol());
         serve_http(
             tls,
+            protocol,
             Arc::new(conn),
             self.builder.clone(),
             self.app.clone(),

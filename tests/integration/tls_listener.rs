@@ -129,6 +129,33 @@ async fn alpn_h2_and_http11_negotiated() {
     assert_eq!(resp.status(), 200);
 }
 
+/// ALPN decides the protocol (RFC 9113 §3.3: HTTP/2 over TLS only by negotiation): an
+/// HTTP/2 preface on a connection that negotiated `http/1.1` is refused and counted, not
+/// served as HTTP/2, and the next connection is served normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_preface_on_an_http1_connection_is_refused() {
+    let (_up, gw) = start_with(|b| b).await;
+    let mut tls = gw.tls_connect(Alpn::Http11).await;
+    let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // An empty SETTINGS frame, as an HTTP/2 client sends right after the preface.
+    preface.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    let resp = exchange(&mut tls, &preface).await;
+    assert!(
+        !resp.as_bytes().starts_with(&[0, 0]),
+        "answered with HTTP/2 frames: {resp:?}"
+    );
+    let (_, metrics) = gw.admin_get("/metrics").await;
+    let refused = crate::common::metric(
+        &metrics,
+        "onramp_gateway_protocol_errors_total",
+        &[("reason", "http1_unexpected_h2_preface")],
+    );
+    assert_eq!(refused, Some(1.0), "{metrics}");
+    let mut tls = gw.tls_connect(Alpn::Http11).await;
+    let resp = exchange(&mut tls, &get_close("/echo")).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_header_is_431_http1() {
     let (up, gw) = start_with(|b| b.section("server", "max_header_bytes = 8192")).await;
