@@ -216,7 +216,11 @@ fn refuse_per_ip(metrics: Option<&Metrics>, peer: SocketAddr, stream: TcpStream)
 ///   read to the end (full-duplex uploads stay "in progress"). On HTTP/2 only streams
 ///   count: PING/SETTINGS traffic on a connection with no open stream is still idle.
 #[allow(clippy::too_many_arguments)]
-pub async fn serve_http<IO, H>(
+///
+/// Not an `async fn`: the stream is moved into the boxed hyper connection before the
+/// returned future exists, so the future (which lives in every connection's task, idle
+/// or not) holds a pointer to it instead of a second inline copy of the TLS state.
+pub fn serve_http<IO, H>(
     io: IO,
     protocol: Protocol,
     conn: Arc<ConnInfo>,
@@ -225,7 +229,8 @@ pub async fn serve_http<IO, H>(
     timeouts: ConnTimeouts,
     drain: CancellationToken,
     metrics: Option<Arc<Metrics>>,
-) where
+) -> impl Future<Output = ()> + Send + 'static
+where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
 {
@@ -262,90 +267,93 @@ pub async fn serve_http<IO, H>(
         }
     });
     let mut connection = Served::new(&builder, protocol, io, service);
-    let drained = drain.cancelled();
-    tokio::pin!(drained);
-    let evicted = activity.evict.notified();
-    tokio::pin!(evicted);
-    let mut evicting = false;
-    let timer = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(timer);
-    // The deadline the timer is set to; None forces a re-arm (after it fired).
-    let mut armed: Option<u64> = None;
-    let mut shutting_down = false;
+    async move {
+        let _registered = _registered;
+        let drained = drain.cancelled();
+        tokio::pin!(drained);
+        let evicted = activity.evict.notified();
+        tokio::pin!(evicted);
+        let mut evicting = false;
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
+        // The deadline the timer is set to; None forces a re-arm (after it fired).
+        let mut armed: Option<u64> = None;
+        let mut shutting_down = false;
 
-    loop {
-        // Every wake-up of this task (socket readable, timer, drain) re-evaluates the
-        // deadline, so a request head that starts while the timer is set for the idle
-        // deadline still gets its own, shorter one.
-        let wake = std::future::poll_fn(|cx| {
-            if let Poll::Ready(result) = connection.poll(cx) {
-                return Poll::Ready(Wake::Closed(result.err()));
-            }
-            if !shutting_down && drained.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Wake::Drain);
-            }
-            if !evicting && evicted.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Wake::Evict);
-            }
-            let deadline = activity.deadline_ms(&timeouts);
-            if armed != Some(deadline) {
-                armed = Some(deadline);
-                timer.as_mut().reset(instant_at(deadline));
-            }
-            if timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Wake::Timer);
-            }
-            Poll::Pending
-        })
-        .await;
-        match wake {
-            Wake::Closed(error) => {
-                if let Some(e) = error {
-                    match protocol_error_reason(&e) {
-                        Some(reason) => {
-                            if let Some(m) = &metrics {
-                                m.count_protocol_error(reason);
+        loop {
+            // Every wake-up of this task (socket readable, timer, drain) re-evaluates the
+            // deadline, so a request head that starts while the timer is set for the idle
+            // deadline still gets its own, shorter one.
+            let wake = std::future::poll_fn(|cx| {
+                if let Poll::Ready(result) = connection.poll(cx) {
+                    return Poll::Ready(Wake::Closed(result.err()));
+                }
+                if !shutting_down && drained.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Drain);
+                }
+                if !evicting && evicted.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Evict);
+                }
+                let deadline = activity.deadline_ms(&timeouts);
+                if armed != Some(deadline) {
+                    armed = Some(deadline);
+                    timer.as_mut().reset(instant_at(deadline));
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Timer);
+                }
+                Poll::Pending
+            })
+            .await;
+            match wake {
+                Wake::Closed(error) => {
+                    if let Some(e) = error {
+                        match protocol_error_reason(&e) {
+                            Some(reason) => {
+                                if let Some(m) = &metrics {
+                                    m.count_protocol_error(reason);
+                                }
+                                tracing::info!(peer = %peer, reason, error = %e, "request refused at the protocol level");
                             }
-                            tracing::info!(peer = %peer, reason, error = %e, "request refused at the protocol level");
+                            None => tracing::debug!(error = %e, "connection ended with an error"),
                         }
-                        None => tracing::debug!(error = %e, "connection ended with an error"),
+                    }
+                    break;
+                }
+                Wake::Evict => {
+                    evicting = true;
+                    tracing::debug!(peer = %peer, "idle keep-alive closed to make room at max_connections");
+                    if !shutting_down {
+                        shutting_down = true;
+                        connection.graceful_shutdown();
                     }
                 }
-                break;
-            }
-            Wake::Evict => {
-                evicting = true;
-                tracing::debug!(peer = %peer, "idle keep-alive closed to make room at max_connections");
-                if !shutting_down {
+                Wake::Drain => {
+                    // HTTP/1.1: close once the in-flight response is done (idle ones at
+                    // once); HTTP/2: GOAWAY, then finish the open streams.
                     shutting_down = true;
                     connection.graceful_shutdown();
                 }
-            }
-            Wake::Drain => {
-                // HTTP/1.1: close once the in-flight response is done (idle ones at
-                // once); HTTP/2: GOAWAY, then finish the open streams.
-                shutting_down = true;
-                connection.graceful_shutdown();
-            }
-            Wake::Timer => {
-                // The timer has fired: it must be set again whatever the next deadline is,
-                // or a completed timer would wake this loop over and over.
-                armed = None;
-                match activity.expired(&timeouts) {
-                    Some(Expired::Head) => {
-                        tracing::debug!(
-                            "request head not received within header_read_timeout_ms: closing"
-                        );
-                        break;
+                Wake::Timer => {
+                    // The timer has fired: it must be set again whatever the next deadline is,
+                    // or a completed timer would wake this loop over and over.
+                    armed = None;
+                    match activity.expired(&timeouts) {
+                        Some(Expired::Head) => {
+                            tracing::debug!(
+                                "request head not received within header_read_timeout_ms: closing"
+                            );
+                            break;
+                        }
+                        Some(Expired::Idle) if shutting_down => break,
+                        Some(Expired::Idle) => {
+                            shutting_down = true;
+                            connection.graceful_shutdown();
+                            // If the client does not close within another idle period, drop it.
+                            activity.touch();
+                        }
+                        None => {}
                     }
-                    Some(Expired::Idle) if shutting_down => break,
-                    Some(Expired::Idle) => {
-                        shutting_down = true;
-                        connection.graceful_shutdown();
-                        // If the client does not close within another idle period, drop it.
-                        activity.touch();
-                    }
-                    None => {}
                 }
             }
         }
