@@ -258,7 +258,9 @@ where
         req.extensions_mut().insert(RequestHold(guard.clone()));
         let stream = StreamOpen::new(service_activity.clone());
         async move {
-            let response = handler.handle(req, conn).await;
+            // Boxed: hyper moves the service future by value (HTTP/2 spawns it as a
+            // task per stream), so it should be a pointer, not the handler's whole state.
+            let response = Box::pin(handler.handle(req, conn)).await;
             drop(guard);
             Ok::<_, Infallible>(response.map(|body| TrackedBody {
                 inner: body,
