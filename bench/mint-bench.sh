@@ -8,6 +8,8 @@
 #   MODE=proxy bench/mint-bench.sh # the proxied run alone
 #   CDP_TLS=0 bench/mint-bench.sh  # the old plain-HTTP/1.1 fake (one CDP connection per
 #                                  # mint in flight, which the real CDP never makes us do)
+#   CDP_H2_MAX_STREAMS=1000 ...    # the h2 stream limit the fake advertises (default hyper's
+#                                  # 200, which bounds a slow fake at 200 calls in flight)
 #   BACKEND=redis bench/mint-bench.sh            # the Redis rate-limit backend on loopback
 #   GATEWAY_ENV="MALLOC_ARENA_MAX=1" bench/mint-bench.sh   # environment for the gateway only
 # By default the fake CDP speaks TLS with ALPN h2 + http/1.1 like the real one, with a
