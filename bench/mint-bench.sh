@@ -3,10 +3,20 @@
 # against a fast local fake CDP (cpu 1), with wrk (cpu 1). Not a test: numbers only.
 #   bench/mint-bench.sh            # redirects/s + latency, fake answers at once
 #   DELAY_MS=200 CONNS=5000 bench/mint-bench.sh   # slow CDP, many concurrent mints, RSS
+#   MODE=both bench/mint-bench.sh  # first proxied HTTPS/1.1 GET / (nginx `return 200` app),
+#                                  # then the mint path; prints redirects/s / proxied req/s
+#   MODE=proxy bench/mint-bench.sh # the proxied run alone
+#   CDP_TLS=0 bench/mint-bench.sh  # the old plain-HTTP/1.1 fake (one CDP connection per
+#                                  # mint in flight, which the real CDP never makes us do)
+#   CDP_H2_MAX_STREAMS=1000 ...    # the h2 stream limit the fake advertises (default hyper's
+#                                  # 200, which bounds a slow fake at 200 calls in flight)
 #   BACKEND=redis bench/mint-bench.sh            # the Redis rate-limit backend on loopback
 #   GATEWAY_ENV="MALLOC_ARENA_MAX=1" bench/mint-bench.sh   # environment for the gateway only
-# Needs: wrk, taskset, openssl; redis-server for BACKEND=redis. Builds the release binary
-# and the fake with `cargo build --release --example bench_fake_cdp`.
+# By default the fake CDP speaks TLS with ALPN h2 + http/1.1 like the real one, with a
+# throw-away CA made here (cdp.ca_file); its TCP connection count is printed at the end.
+# Needs: wrk, taskset, openssl, curl; nginx for MODE=both/proxy; redis-server for
+# BACKEND=redis. Builds the release binary and the fake with
+# `cargo build --release --example bench_fake_cdp`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
@@ -14,6 +24,10 @@ CONNS=${CONNS:-64}
 DELAY_MS=${DELAY_MS:-0}
 BACKEND=${BACKEND:-memory}
 KEY_TYPE=${KEY_TYPE:-ec}
+CDP_TLS=${CDP_TLS:-1}
+MODE=${MODE:-mint}
+NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
+case "$MODE" in mint|proxy|both) ;; *) echo "MODE must be mint, proxy or both"; exit 2 ;; esac
 target=${CARGO_TARGET_DIR:-target}
 cargo build --release --quiet --bin onramp-gateway --example bench_fake_cdp
 ulimit -n 65536 2>/dev/null || true
@@ -24,6 +38,26 @@ trap cleanup EXIT
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
   -keyout "$dir/tls.key" -out "$dir/tls.crt" 2>/dev/null
+if [ "$CDP_TLS" = 1 ]; then
+  # A tiny CA and a 127.0.0.1 leaf for the fake CDP; the gateway trusts the CA through
+  # cdp.ca_file, on top of its built-in roots.
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj "/CN=mint-bench CDP CA" -addext basicConstraints=critical,CA:TRUE \
+    -addext keyUsage=critical,keyCertSign,cRLSign \
+    -keyout "$dir/cdp-ca.key" -out "$dir/cdp-ca.crt" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=127.0.0.1 \
+    -keyout "$dir/cdp.key" -out "$dir/cdp.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$dir/cdp.ext"
+  openssl x509 -req -in "$dir/cdp.csr" -CA "$dir/cdp-ca.crt" -CAkey "$dir/cdp-ca.key" \
+    -CAcreateserial -days 2 -extfile "$dir/cdp.ext" -out "$dir/cdp.crt" 2>/dev/null
+  cdp_base="https://127.0.0.1:18990"
+  cdp_ca="ca_file = \"$dir/cdp-ca.crt\""
+  cdp_env=(CDP_TLS_CERT="$dir/cdp.crt" CDP_TLS_KEY="$dir/cdp.key")
+else
+  cdp_base="http://127.0.0.1:18990"
+  cdp_ca=""
+  cdp_env=()
+fi
 if [ "$KEY_TYPE" = ed25519 ]; then
   secret=$(python3 -c 'import os,base64,hashlib
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -39,8 +73,31 @@ if [ "$BACKEND" = redis ]; then
   pids+=($!)
   for _ in $(seq 50); do redis-cli -p 18379 ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
-taskset -c 1 "$target/release/examples/bench_fake_cdp" 18990 "$DELAY_MS" >"$dir/cdp.log" 2>&1 &
-pids+=($!)
+if [ "$MODE" != mint ]; then
+  # The app for the proxied run: nginx answering `return 200` with a 100-byte body.
+  mkdir -p "$dir/nginx"
+  cat >"$dir/nginx/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $dir/nginx/nginx.pid;
+error_log $dir/nginx/error.log warn;
+events { worker_connections 16384; }
+http {
+  access_log off;
+  client_body_temp_path $dir/nginx; proxy_temp_path $dir/nginx; fastcgi_temp_path $dir/nginx;
+  uwsgi_temp_path $dir/nginx; scgi_temp_path $dir/nginx;
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+  server { listen 127.0.0.1:18991; location / { default_type text/plain; return 200 "mint-bench upstream: a small static body for the proxied comparison run, about 100 bytes long..\n"; } }
+}
+NGINX
+  taskset -c 1 "$NGINX" -c "$dir/nginx/nginx.conf" -e "$dir/nginx/error.log" >"$dir/nginx.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 50); do curl -s -o /dev/null http://127.0.0.1:18991/ && break; sleep 0.1; done
+fi
+env "${cdp_env[@]}" taskset -c 1 "$target/release/examples/bench_fake_cdp" 18990 "$DELAY_MS" >"$dir/cdp.log" 2>&1 &
+cdp=$!
+pids+=($cdp)
 cat > "$dir/config.toml" <<CONF
 [server]
 listen = "127.0.0.1:18643"
@@ -54,7 +111,8 @@ url = "http://127.0.0.1:18991"
 [admin]
 listen = ""
 [cdp]
-api_base = "http://127.0.0.1:18990"
+api_base = "$cdp_base"
+$cdp_ca
 timeout_ms = 5000
 [rate_limit]
 requests_per_minute = 100000000
@@ -69,10 +127,43 @@ CDP_API_KEY_ID=bench-key CDP_API_KEY_SECRET="$secret" env ${GATEWAY_ENV:-} tasks
 gw=$!
 pids+=($gw)
 for _ in $(seq 100); do curl -sk -o /dev/null https://127.0.0.1:18643/healthz-probe && break; sleep 0.1; done
-url='https://127.0.0.1:18643/onramp?address=0x1111111111111111111111111111111111111111&blockchains=base&defaultAsset=USDC'
-code=$(curl -sk -o /dev/null -w '%{http_code}' "$url")
-[ "$code" = 302 ] || { echo "warm-up request got $code, expected 302"; cat "$dir/gateway.log"; exit 1; }
 threads=1; [ "$CONNS" -gt 1000 ] && threads=2
-taskset -c 1 wrk -t"$threads" -c"$CONNS" -d"${DURATION}s" --latency --timeout 10s "$url" | tee "$dir/wrk.txt"
-echo "gateway RSS peak: $(grep VmHWM /proc/$gw/status | awk '{print $2/1024 " MiB"}'), now: $(grep VmRSS /proc/$gw/status | awk '{print $2/1024 " MiB"}')"
-echo "backend=$BACKEND key=$KEY_TYPE delay_ms=$DELAY_MS conns=$CONNS duration=${DURATION}s"
+rss() { echo "peak $(grep VmHWM /proc/$gw/status | awk '{printf "%.1f", $2/1024}') MiB, now $(grep VmRSS /proc/$gw/status | awk '{printf "%.1f", $2/1024}') MiB"; }
+# wrk's "Requests/sec" and a latency percentile, in ms.
+rps() { awk '/^Requests\/sec:/ {print $2}' "$1"; }
+pct() {
+  awk -v p="$2%" '$1 == p { v = $2; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v);
+    m = (u == "us") ? v / 1000 : (u == "s") ? v * 1000 : (u == "m") ? v * 60000 : v; printf "%.2f", m }' "$1"
+}
+
+if [ "$MODE" != mint ]; then
+  code=$(curl -sk -o /dev/null -w '%{http_code}' https://127.0.0.1:18643/)
+  [ "$code" = 200 ] || { echo "proxied warm-up request got $code, expected 200"; cat "$dir/gateway.log"; exit 1; }
+  echo "== proxied HTTPS/1.1 GET / (app: nginx return 200), $CONNS conns"
+  taskset -c 1 wrk -t"$threads" -c"$CONNS" -d"${DURATION}s" --latency --timeout 10s https://127.0.0.1:18643/ | tee "$dir/wrk-proxy.txt"
+  echo "gateway RSS after the proxied run: $(rss)"
+fi
+if [ "$MODE" != proxy ]; then
+  url='https://127.0.0.1:18643/onramp?address=0x1111111111111111111111111111111111111111&blockchains=base&defaultAsset=USDC'
+  code=$(curl -sk -o /dev/null -w '%{http_code}' "$url")
+  [ "$code" = 302 ] || { echo "warm-up request got $code, expected 302"; cat "$dir/gateway.log"; exit 1; }
+  echo "== mint path GET /onramp (302), $CONNS conns, fake CDP $cdp_base delay ${DELAY_MS} ms"
+  taskset -c 1 wrk -t"$threads" -c"$CONNS" -d"${DURATION}s" --latency --timeout 10s "$url" | tee "$dir/wrk.txt"
+  echo "gateway RSS after the mint run: $(rss)"
+  p50=$(pct "$dir/wrk.txt" 50); p99=$(pct "$dir/wrk.txt" 99)
+  echo "mint p50 ${p50} ms, p99 ${p99} ms, p99/p50 $(awk -v a="$p99" -v b="$p50" 'BEGIN { if (b > 0) printf "%.2f", a / b }')"
+fi
+if [ "$MODE" = both ]; then
+  echo "redirects/s / proxied req/s = $(rps "$dir/wrk.txt") / $(rps "$dir/wrk-proxy.txt") = $(awk -v a="$(rps "$dir/wrk.txt")" -v b="$(rps "$dir/wrk-proxy.txt")" 'BEGIN { if (b > 0) printf "%.3f", a / b }')"
+fi
+kill -INT "$cdp" 2>/dev/null || true
+for _ in $(seq 50); do kill -0 "$cdp" 2>/dev/null || break; sleep 0.1; done
+echo "fake CDP: $(grep -E '^(final|connections)' "$dir/cdp.log" | tail -1)"
+grep -v '^fake CDP on\|^connections accepted\|^final' "$dir/cdp.log" || true
+# wrk sends "127.0.0.1" as SNI, which rustls logs (and ignores) on every handshake.
+sni=$(grep -c 'Illegal SNI extension' "$dir/gateway.log" || true)
+if grep -v -q 'Illegal SNI extension' "$dir/gateway.log"; then
+  echo "gateway log (warn and above, without $sni IP-as-SNI warnings):"
+  grep -v 'Illegal SNI extension' "$dir/gateway.log" | tail -5
+fi
+echo "mode=$MODE cdp_tls=$CDP_TLS backend=$BACKEND key=$KEY_TYPE delay_ms=$DELAY_MS conns=$CONNS duration=${DURATION}s"

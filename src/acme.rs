@@ -109,19 +109,8 @@ impl Acme {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("onramp-gateway/", env!("CARGO_PKG_VERSION")));
         if let Some(path) = &settings.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| AcmeError::CaFile(format!("cannot read {}: {e}", path.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| AcmeError::CaFile(format!("{}: {e}", path.display())))?;
-            if certs.is_empty() {
-                return Err(AcmeError::CaFile(format!(
-                    "{}: no PEM certificate found",
-                    path.display()
-                )));
-            }
-            for c in certs {
-                builder = builder.add_root_certificate(c);
-            }
+            let roots = crate::ca_file::ExtraRoots::load(path).map_err(AcmeError::CaFile)?;
+            builder = roots.add_to(builder);
         }
         let http = builder
             .build()

@@ -80,6 +80,7 @@ pub fn run(prepared: Prepared, args: MintArgs) -> ExitCode {
         &settings.cdp_api_base,
         std::sync::Arc::new(key),
         settings.cdp_timeout(),
+        settings.cdp_ca.as_ref(),
     ) {
         Ok(c) => c,
         Err(e) => {

@@ -261,6 +261,9 @@ pub struct CdpConfig {
     pub substitute_private_client_ip: String,
     /// v2 APIs (sessions, orders, webhooks subscriptions), with the `/platform` prefix.
     pub platform_base: String,
+    /// PEM CA certificates the CDP client trusts in addition to its built-in roots
+    /// (a corporate egress TLS proxy, a test CA); "" = none.
+    pub ca_file: String,
 }
 
 impl Default for CdpConfig {
@@ -271,6 +274,7 @@ impl Default for CdpConfig {
             key_file: String::new(),
             timeout_ms: 5_000,
             substitute_private_client_ip: String::new(),
+            ca_file: String::new(),
         }
     }
 }
@@ -460,6 +464,8 @@ pub struct Settings {
     /// `cdp.platform_base`, always ending in `/` so `join("v2/...")` keeps `/platform`.
     pub cdp_platform_base: url::Url,
     pub cdp_key_file: Option<PathBuf>,
+    /// `cdp.ca_file`, resolved against the config file's directory, read and checked.
+    pub cdp_ca: Option<crate::ca_file::ExtraRoots>,
     /// `rate_limit.redis_ca_file`, resolved against the config file's directory.
     pub redis_ca_file: Option<PathBuf>,
     pub substitute_private_client_ip: Option<IpAddr>,
@@ -837,6 +843,32 @@ impl Config {
             c.readable_file("cdp.key_file", &p);
             Some(p)
         };
+        // Loaded here, by the loader the client uses: `check` refuses exactly what the run
+        // would, and the run builds its CDP clients from these roots, not from the raw key.
+        let cdp_ca = if self.cdp.ca_file.is_empty() {
+            None
+        } else {
+            match crate::ca_file::ExtraRoots::load(&resolve(Path::new(&self.cdp.ca_file))) {
+                // Like redis_ca_file without rediss://, a CA no TLS call uses would
+                // silently do nothing.
+                Ok(_)
+                    if [&cdp_api_base, &cdp_platform_base]
+                        .iter()
+                        .all(|u| u.as_ref().is_some_and(|u| u.scheme() == "http")) =>
+                {
+                    c.bad(
+                        "cdp.ca_file",
+                        "only used for https:// (cdp.api_base and cdp.platform_base are both http://)",
+                    );
+                    None
+                }
+                Ok(roots) => Some(roots),
+                Err(e) => {
+                    c.bad("cdp.ca_file", e);
+                    None
+                }
+            }
+        };
         c.positive("cdp.timeout_ms", self.cdp.timeout_ms);
         let substitute_private_client_ip = if self.cdp.substitute_private_client_ip.is_empty() {
             None
@@ -1042,6 +1074,7 @@ impl Config {
             cdp_api_base,
             cdp_platform_base,
             cdp_key_file,
+            cdp_ca,
             redis_ca_file,
             substitute_private_client_ip,
             onramp_url,
@@ -1496,6 +1529,42 @@ mod tests {
         assert!(message.contains("database 0"), "{message}");
         let (key, _) = problem("redis_url = \"memcached://r.example:11211\"").unwrap();
         assert_eq!(key, "rate_limit.redis_url");
+    }
+
+    #[test]
+    fn cdp_ca_file_is_loaded_and_checked_by_the_clients_loader() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("garbage.pem"), "not a certificate\n").unwrap();
+        let validate_cdp = |cdp: &str| {
+            parse(&format!("{MINIMAL}[cdp]\n{cdp}\n"))
+                .unwrap()
+                .validate(dir.path())
+        };
+        let problem = |cdp: &str| -> (String, String) {
+            let p = validate_cdp(cdp).expect_err("refused").remove(0);
+            (p.key, p.message)
+        };
+        assert!(validate_cdp("").unwrap().cdp_ca.is_none());
+        // Relative to the config file's directory, like every other path.
+        let s = validate_cdp("ca_file = \"ca.pem\"").unwrap();
+        let roots = s.cdp_ca.expect("loaded");
+        assert_eq!(roots.path(), dir.path().join("ca.pem"));
+        assert_eq!(roots.certs().len(), 1);
+        let (key, message) = problem("ca_file = \"missing.pem\"");
+        assert_eq!(key, "cdp.ca_file");
+        assert!(message.contains("cannot read"), "{message}");
+        let (key, message) = problem("ca_file = \"garbage.pem\"");
+        assert_eq!(key, "cdp.ca_file");
+        assert!(message.contains("no PEM certificate"), "{message}");
+        let (key, message) = problem(
+            "ca_file = \"ca.pem\"\napi_base = \"http://127.0.0.1:1\"\nplatform_base = \"http://127.0.0.1:1/platform\"",
+        );
+        assert_eq!(key, "cdp.ca_file");
+        assert!(message.contains("https://"), "{message}");
+        // One https base is enough for the CA to matter.
+        assert!(validate_cdp("ca_file = \"ca.pem\"\napi_base = \"http://127.0.0.1:1\"").is_ok());
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //!   the app-context call share; [`upstream`]: the one client to the app.
 //! - [`conn_limit`]: connection slots (global, per IP) and their one owner.
 //! - [`mint`]: the onramp/offramp routes; [`onramp`] parses and validates their input.
-//! - [`cdp`]: CDP API key, JWT, token client. [`ratelimit`]: per-IP limits.
+//! - [`cdp`]: CDP API key, JWT, token client; [`ca_file`]: the one loader of the extra CA
+//!   certificates every `*.ca_file` key adds to a client's roots. [`ratelimit`]: per-IP limits.
 //!   [`redis_conn`]: the one shared Redis connection (TLS, cluster).
 //! - [`admin`], [`metrics`]: health, readiness and Prometheus metrics.
 //! - [`fetch_site`]: cross-site refusal, [`gate`]: it plus CORS for every own route;
@@ -28,6 +29,7 @@ pub mod acme;
 pub mod admin;
 pub mod api;
 pub mod body;
+pub mod ca_file;
 pub mod cdp;
 pub mod cli_mint;
 pub mod client_ip;

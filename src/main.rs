@@ -282,7 +282,15 @@ fn summary_lines(s: &Settings) -> Vec<String> {
             }
         ),
         format!("upstream:       {}", s.upstream),
-        format!("cdp api:        {}", s.cdp_api_base),
+        format!(
+            "cdp api:        {}{}",
+            s.cdp_api_base,
+            s.cdp_ca.as_ref().map_or(String::new(), |r| format!(
+                " (+ {} CA certificate(s) from {})",
+                r.certs().len(),
+                r.path().display()
+            ))
+        ),
         format!("onramp:         {} -> {}", c.onramp.path, s.onramp_url),
         format!("offramp:        {} -> {}", c.offramp.path, s.offramp_url),
         format!(

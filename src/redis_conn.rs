@@ -147,29 +147,14 @@ pub fn prepare(options: RedisOptions<'_>) -> Result<Prepared, RedisConnError> {
     }
 }
 
-/// The system roots plus the CA in `path`, as one PEM bundle.
+/// The system roots plus the CA in `path` (read and checked by the one `*.ca_file`
+/// loader, [`crate::ca_file`]), as one PEM bundle.
 fn roots_with_ca(path: &Path) -> Result<Vec<u8>, RedisConnError> {
-    let ca = std::fs::read(path)
-        .map_err(|e| RedisConnError::CaFile(format!("cannot read {}: {e}", path.display())))?;
-    use rustls_pki_types::pem::PemObject as _;
-    let certs = rustls_pki_types::CertificateDer::pem_slice_iter(&ca)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| RedisConnError::CaFile(format!("{}: bad PEM: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(RedisConnError::CaFile(format!(
-            "{}: no PEM certificate (-----BEGIN CERTIFICATE-----) in it",
-            path.display()
-        )));
-    }
-    let mut store = rustls::RootCertStore::empty();
-    for cert in certs {
-        store.add(cert).map_err(|e| {
-            RedisConnError::CaFile(format!("{}: not a usable CA: {e}", path.display()))
-        })?;
-    }
+    let ca = crate::ca_file::ExtraRoots::load(path).map_err(RedisConnError::CaFile)?;
     let mut pem = system_roots_pem()?;
-    pem.extend_from_slice(b"\n");
-    pem.extend_from_slice(&ca);
+    for cert in ca.certs() {
+        push_pem(&mut pem, cert.as_ref());
+    }
     Ok(pem)
 }
 
@@ -183,18 +168,22 @@ fn system_roots_pem() -> Result<Vec<u8>, RedisConnError> {
             "cannot load the system CA roots for rediss://: {e}"
         )));
     }
-    let b64 = base64::engine::general_purpose::STANDARD;
     let mut pem = Vec::new();
     for cert in loaded.certs {
-        pem.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
-        let text = b64.encode(cert.as_ref());
-        for line in text.as_bytes().chunks(64) {
-            pem.extend_from_slice(line);
-            pem.push(b'\n');
-        }
-        pem.extend_from_slice(b"-----END CERTIFICATE-----\n");
+        push_pem(&mut pem, cert.as_ref());
     }
     Ok(pem)
+}
+
+/// Appends one certificate as a PEM block.
+fn push_pem(pem: &mut Vec<u8>, der: &[u8]) {
+    let text = base64::engine::general_purpose::STANDARD.encode(der);
+    pem.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
+    for line in text.as_bytes().chunks(64) {
+        pem.extend_from_slice(line);
+        pem.push(b'\n');
+    }
+    pem.extend_from_slice(b"-----END CERTIFICATE-----\n");
 }
 
 /// The shared connection: a cheap clone.

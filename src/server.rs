@@ -484,6 +484,7 @@ fn build_minter(
         &settings.cdp_api_base,
         Arc::new(key),
         settings.cdp_timeout(),
+        settings.cdp_ca.as_ref(),
     )
     .map_err(|e| StartError::Other(e.to_string()))?
     .with_max_concurrent(settings.config.rate_limit.max_concurrent_cdp_calls);

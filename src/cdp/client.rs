@@ -14,6 +14,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::jwt::{build_jwt, unix_now, JwtError};
 use super::key::CdpKey;
+use crate::ca_file::ExtraRoots;
 use crate::onramp::request::AddressEntry;
 
 /// The CDP answer is a few hundred bytes; anything past this is not a token response.
@@ -107,11 +108,23 @@ pub struct CdpClient {
 pub const DEFAULT_MAX_CONCURRENT: usize = 256;
 
 impl CdpClient {
-    pub fn new(api_base: &url::Url, key: Arc<CdpKey>, timeout: Duration) -> Result<Self, CdpError> {
+    /// `extra_roots` (`cdp.ca_file`) are trusted in addition to the built-in webpki roots.
+    /// HTTP/2 is offered by ALPN (`h2`, then `http/1.1`), so against an h2 server every
+    /// call in flight shares one connection.
+    pub fn new(
+        api_base: &url::Url,
+        key: Arc<CdpKey>,
+        timeout: Duration,
+        extra_roots: Option<&ExtraRoots>,
+    ) -> Result<Self, CdpError> {
         let token_url = api_base
             .join("/onramp/v1/token")
             .map_err(|e| CdpError::BadResponse(format!("cdp.api_base: {e}")))?;
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(roots) = extra_roots {
+            builder = roots.add_to(builder);
+        }
+        let http = builder
             .use_rustls_tls()
             .connect_timeout(timeout)
             .timeout(timeout)

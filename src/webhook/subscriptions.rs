@@ -80,6 +80,7 @@ pub fn run(settings: &Settings, key: CdpKey, command: WebhooksCommand) -> ExitCo
         &settings.cdp_api_base,
         Arc::new(key),
         settings.cdp_timeout(),
+        settings.cdp_ca.as_ref(),
     ) {
         Ok(c) => c,
         Err(e) => return fail(&e.to_string()),

@@ -5,6 +5,7 @@ mod common;
 
 mod acme;
 mod browser;
+mod cdp_tls;
 mod container;
 mod deploy_manifests;
 mod faults;

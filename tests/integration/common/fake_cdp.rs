@@ -1,6 +1,8 @@
 //! A fake Coinbase CDP API that checks requests the way the real one would.
 //!
-//! It answers `POST /onramp/v1/token` on plain HTTP at `127.0.0.1:<ephemeral>` and verifies
+//! It answers `POST /onramp/v1/token` on plain HTTP at `127.0.0.1:<ephemeral>` (or, started
+//! with [`FakeCdp::start_tls`], over TLS with ALPN `h2` and `http/1.1` like the real API) and
+//! verifies
 //! every request: the bearer JWT's signature (against the public half of the [`TestKey`] it was
 //! started with), every header field and claim the official SDKs send, nonce freshness, the
 //! `uris` binding to its own address, and the exact JSON body shape. A request that fails a
@@ -42,6 +44,8 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 use onramp_gateway::cdp::key::KeyAlgorithm;
 use serde_json::{json, Value};
+
+use super::certs::{install_provider, TestPki};
 
 /// The one route the fake serves.
 pub const TOKEN_PATH: &str = "/onramp/v1/token";
@@ -325,6 +329,8 @@ pub struct RecordedRequest {
     /// The session token answered, if any.
     pub token: Option<String>,
     pub received_at: Instant,
+    /// HTTP version the request came over (`HTTP_2` only on a TLS fake, by ALPN).
+    pub version: http::Version,
     /// Which endpoint it was for (`None`: an unknown route, answered 404).
     pub endpoint: Option<Endpoint>,
 }
@@ -361,6 +367,8 @@ struct State {
     expected_uri: String,
     port: u16,
     inner: Mutex<Inner>,
+    /// TCP connections accepted (TLS handshake or not).
+    connections: std::sync::atomic::AtomicUsize,
 }
 
 impl State {
@@ -373,6 +381,8 @@ impl State {
 /// A running fake CDP API. Stops when dropped.
 pub struct FakeCdp {
     addr: SocketAddr,
+    /// Serving HTTPS (h2 + http/1.1 by ALPN) rather than plain HTTP/1.1.
+    tls: bool,
     state: Arc<State>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
@@ -386,6 +396,28 @@ impl FakeCdp {
 
     /// Start a fake verifying against an arbitrary key id, algorithm and raw public key.
     pub fn start_with(key_id: &str, algorithm: KeyAlgorithm, public_key: &[u8]) -> Self {
+        Self::start_inner(key_id, algorithm, public_key, None)
+    }
+
+    /// Like [`start`](Self::start), but serving HTTPS with the leaf of `pki` (valid for
+    /// `127.0.0.1`) and ALPN `h2`, `http/1.1`, as the real API does. Clients must trust
+    /// `pki`'s CA (`pki.write_ca_pem()` for the gateway's `cdp.ca_file`). The JWT checks are
+    /// the same: `uris` binds `127.0.0.1:<port>` + path, never the scheme.
+    pub fn start_tls(key: &TestKey, pki: &TestPki) -> Self {
+        Self::start_inner(
+            &key.id,
+            key.algorithm,
+            &key.public_key,
+            Some(tls_acceptor(pki)),
+        )
+    }
+
+    fn start_inner(
+        key_id: &str,
+        algorithm: KeyAlgorithm,
+        public_key: &[u8],
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fake CDP");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("local addr");
@@ -398,15 +430,18 @@ impl FakeCdp {
             expected_uri: format!("POST 127.0.0.1:{}{TOKEN_PATH}", addr.port()),
             port: addr.port(),
             inner: Mutex::new(Inner::default()),
+            connections: std::sync::atomic::AtomicUsize::new(0),
         });
         let (tx, rx) = tokio::sync::oneshot::channel();
         let thread_state = state.clone();
+        let is_tls = tls.is_some();
         let thread = std::thread::Builder::new()
             .name(format!("fake-cdp-{}", addr.port()))
-            .spawn(move || serve(listener, thread_state, rx))
+            .spawn(move || serve(listener, thread_state, tls, rx))
             .expect("spawn fake CDP thread");
         FakeCdp {
             addr,
+            tls: is_tls,
             state,
             shutdown: Some(tx),
             thread: Some(thread),
@@ -417,13 +452,28 @@ impl FakeCdp {
         self.addr
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     pub fn api_base(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme(), self.addr)
     }
 
     /// Full token endpoint URL.
     pub fn token_url(&self) -> String {
-        format!("http://{}{TOKEN_PATH}", self.addr)
+        format!("{}://{}{TOKEN_PATH}", self.scheme(), self.addr)
+    }
+
+    /// TCP connections accepted so far (with TLS: including failed handshakes).
+    pub fn connections(&self) -> usize {
+        self.state
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The `uris` entry the fake requires: `POST 127.0.0.1:<port>/onramp/v1/token`.
@@ -537,6 +587,7 @@ impl Drop for FakeCdp {
 fn serve(
     listener: std::net::TcpListener,
     state: Arc<State>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut shutdown: tokio::sync::oneshot::Receiver<()>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -556,19 +607,59 @@ fn serve(
                 _ = &mut shutdown => break,
                 accepted = listener.accept() => {
                     let Ok((stream, _peer)) = accepted else { continue };
+                    state
+                        .connections
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let state = state.clone();
+                    let tls = tls.clone();
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |req| {
                             handle(state.clone(), req)
                         });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                            .await;
+                        match tls {
+                            // HTTPS as the real API serves it: h2 or http/1.1, by ALPN.
+                            Some(acceptor) => {
+                                let Ok(stream) = acceptor.accept(stream).await else {
+                                    return;
+                                };
+                                let _ = hyper_util::server::conn::auto::Builder::new(
+                                    hyper_util::rt::TokioExecutor::new(),
+                                )
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await;
+                            }
+                            None => {
+                                let _ = hyper::server::conn::http1::Builder::new()
+                                    .serve_connection(
+                                        hyper_util::rt::TokioIo::new(stream),
+                                        service,
+                                    )
+                                    .await;
+                            }
+                        }
                     });
                 }
             }
         }
     });
+}
+
+/// The fake's TLS side: `pki`'s leaf, ALPN `h2` then `http/1.1`.
+fn tls_acceptor(pki: &TestPki) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    install_provider();
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pki.cert_path)
+        .expect("read fake CDP chain")
+        .map(|c| c.expect("fake CDP cert"))
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&pki.key_path).expect("read fake CDP key");
+    let mut cfg = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("fake CDP TLS config");
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -1209,6 +1300,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
             status,
             token,
             received_at,
+            version: parts.version,
             endpoint,
         });
         (response, delay)
