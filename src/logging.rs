@@ -18,7 +18,8 @@ pub fn init(config: &LogConfig) -> WorkerGuard {
         .buffered_lines_limit(64 * 1024)
         .finish(std::io::stdout());
     // The level was validated with the config; fall back to "info" defensively.
-    let filter = EnvFilter::try_new(&config.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_new(directives(&config.level))
+        .unwrap_or_else(|_| EnvFilter::new(directives("info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
@@ -36,4 +37,35 @@ pub fn init(config: &LogConfig) -> WorkerGuard {
         eprintln!("warning: logging already initialised: {e}");
     }
     guard
+}
+
+/// The filter for `log.level`. rustls logs what a *peer* did wrong (an IP address sent
+/// as SNI, as wrk and some scanners do; an unexpected alert) at WARN, once per
+/// connection: any client could fill the log, one line per handshake. Those handshakes
+/// are counted (`onramp_gateway_tls_handshake_failures_total`) and the gateway logs its
+/// own line at debug, so rustls' lines are kept to errors unless the level names rustls.
+pub fn directives(level: &str) -> String {
+    if level.contains("rustls") {
+        level.to_string()
+    } else {
+        format!("{level},rustls=error")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::directives;
+
+    #[test]
+    fn rustls_peer_warnings_stay_out_unless_asked_for() {
+        assert_eq!(directives("info"), "info,rustls=error");
+        assert_eq!(directives("debug"), "debug,rustls=error");
+        assert_eq!(directives("info,rustls=debug"), "info,rustls=debug");
+        for level in ["info", "warn,onramp_gateway=debug", "info,rustls=trace"] {
+            assert!(
+                tracing_subscriber::EnvFilter::try_new(directives(level)).is_ok(),
+                "{level}"
+            );
+        }
+    }
 }

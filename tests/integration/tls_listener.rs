@@ -129,6 +129,40 @@ async fn alpn_h2_and_http11_negotiated() {
     assert_eq!(resp.status(), 200);
 }
 
+/// A client that sends an IP address as SNI (wrk, openssl with `-servername 1.2.3.4`,
+/// scanners) is served, and rustls' per-handshake WARN about it stays out of the log:
+/// otherwise any client could add a log line per connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_address_sni_does_not_log_a_line_per_handshake() {
+    let (_up, gw) = start_with(|b| b.section("log", "level = \"info\"")).await;
+    let addr = gw.https_addr.to_string();
+    for _ in 0..3 {
+        let out = tokio::process::Command::new("openssl")
+            .args(["s_client", "-connect", &addr, "-servername", "127.0.0.1"])
+            .args(["-alpn", "http/1.1", "-brief"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .expect("openssl s_client (openssl is installed by .ci/run)");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("CONNECTION ESTABLISHED"), "handshake: {err}");
+    }
+    // The access log line of a request after the handshakes: every earlier line is in.
+    let resp = gw
+        .https_client(Alpn::Http11)
+        .get(gw.url("/echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    gw.wait_for_log(Duration::from_secs(5), "the /echo access log line", |e| {
+        field_str(e, "path") == Some("/echo")
+    })
+    .await;
+    let logs = gw.logs();
+    assert!(!logs.contains("SNI"), "rustls warning logged:\n{logs}");
+}
+
 /// ALPN decides the protocol (RFC 9113 §3.3: HTTP/2 over TLS only by negotiation): an
 /// HTTP/2 preface on a connection that negotiated `http/1.1` is refused and counted, not
 /// served as HTTP/2, and the next connection is served normally.
