@@ -129,6 +129,42 @@ async fn alpn_h2_and_http11_negotiated() {
     assert_eq!(resp.status(), 200);
 }
 
+/// The server's suite order decides (SHA-256 suites first, see tls::listener_provider):
+/// a client that lists AES-256-GCM-SHA384 first gets AES-128-GCM-SHA256, and a client
+/// that offers only AES-256 is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls13_suite_is_the_servers_choice_and_aes256_only_clients_connect() {
+    let (_up, gw) = start_with(|b| b).await;
+    let addr = gw.https_addr.to_string();
+    let suite_for = |offer: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let out = tokio::process::Command::new("openssl")
+                .args(["s_client", "-connect", &addr, "-servername", "localhost"])
+                .args(["-tls1_3", "-ciphersuites", offer, "-brief"])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await
+                .expect("openssl s_client (openssl is installed by .ci/run)");
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(err.contains("CONNECTION ESTABLISHED"), "{offer}: {err}");
+            err.lines()
+                .find_map(|l| l.strip_prefix("Ciphersuite: "))
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_string()
+        }
+    };
+    assert_eq!(
+        suite_for("TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256").await,
+        "TLS_AES_128_GCM_SHA256"
+    );
+    assert_eq!(
+        suite_for("TLS_AES_256_GCM_SHA384").await,
+        "TLS_AES_256_GCM_SHA384"
+    );
+}
+
 /// A client that sends an IP address as SNI (wrk, openssl with `-servername 1.2.3.4`,
 /// scanners) is served, and rustls' per-handshake WARN about it stays out of the log:
 /// otherwise any client could add a log line per connection.
