@@ -129,25 +129,41 @@ async fn alpn_h2_and_http11_negotiated() {
     assert_eq!(resp.status(), 200);
 }
 
+/// `openssl s_client` against the gateway with `args`; its stderr (`-brief` prints the
+/// handshake result there). openssl is installed by .ci/run.
+async fn s_client(gw: &Gateway, args: &[&str]) -> String {
+    let out = tokio::process::Command::new("openssl")
+        .args(["s_client", "-connect", &gw.https_addr.to_string(), "-brief"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("openssl s_client (openssl is installed by .ci/run)");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("CONNECTION ESTABLISHED"), "{args:?}: {err}");
+    err
+}
+
 /// The server's suite order decides (SHA-256 suites first, see tls::listener_provider):
 /// a client that lists AES-256-GCM-SHA384 first gets AES-128-GCM-SHA256, and a client
 /// that offers only AES-256 is still served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls13_suite_is_the_servers_choice_and_aes256_only_clients_connect() {
     let (_up, gw) = start_with(|b| b).await;
-    let addr = gw.https_addr.to_string();
     let suite_for = |offer: &'static str| {
-        let addr = addr.clone();
+        let gw = &gw;
         async move {
-            let out = tokio::process::Command::new("openssl")
-                .args(["s_client", "-connect", &addr, "-servername", "localhost"])
-                .args(["-tls1_3", "-ciphersuites", offer, "-brief"])
-                .stdin(std::process::Stdio::null())
-                .output()
-                .await
-                .expect("openssl s_client (openssl is installed by .ci/run)");
-            let err = String::from_utf8_lossy(&out.stderr).into_owned();
-            assert!(err.contains("CONNECTION ESTABLISHED"), "{offer}: {err}");
+            let err = s_client(
+                gw,
+                &[
+                    "-servername",
+                    "localhost",
+                    "-tls1_3",
+                    "-ciphersuites",
+                    offer,
+                ],
+            )
+            .await;
             err.lines()
                 .find_map(|l| l.strip_prefix("Ciphersuite: "))
                 .map(str::trim)
@@ -171,17 +187,8 @@ async fn tls13_suite_is_the_servers_choice_and_aes256_only_clients_connect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ip_address_sni_does_not_log_a_line_per_handshake() {
     let (_up, gw) = start_with(|b| b.section("log", "level = \"info\"")).await;
-    let addr = gw.https_addr.to_string();
     for _ in 0..3 {
-        let out = tokio::process::Command::new("openssl")
-            .args(["s_client", "-connect", &addr, "-servername", "127.0.0.1"])
-            .args(["-alpn", "http/1.1", "-brief"])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .await
-            .expect("openssl s_client (openssl is installed by .ci/run)");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("CONNECTION ESTABLISHED"), "handshake: {err}");
+        s_client(&gw, &["-servername", "127.0.0.1", "-alpn", "http/1.1"]).await;
     }
     // The access log line of a request after the handshakes: every earlier line is in.
     let resp = gw
