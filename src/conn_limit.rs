@@ -54,6 +54,29 @@ struct PerIp {
     exempt: ClientIpPolicy,
 }
 
+/// `ip` already holds `max_connections_per_ip` connections.
+struct AtCap;
+
+impl PerIp {
+    /// A slot for `ip` (`None` for an exempt trusted proxy), or [`AtCap`].
+    fn claim(&self, ip: IpAddr) -> Result<Option<IpSlot>, AtCap> {
+        if self.exempt.is_trusted(ip) {
+            return Ok(None);
+        }
+        let ip = normalize(ip);
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return Err(AtCap);
+        }
+        *n += 1;
+        Ok(Some(IpSlot {
+            ip,
+            open: self.open.clone(),
+        }))
+    }
+}
+
 impl ConnLimits {
     /// `max_per_ip = 0` turns the per-IP cap off.
     pub fn new(max_connections: usize, max_per_ip: usize, exempt: ClientIpPolicy) -> Self {
@@ -109,29 +132,37 @@ impl ConnLimits {
     ) -> Option<ConnLease> {
         let ip_slot = match &self.per_ip {
             None => None,
-            Some(p) if p.exempt.is_trusted(peer) => None,
-            Some(p) => {
-                let ip = normalize(peer);
-                let mut open = p.open.lock().unwrap_or_else(|e| e.into_inner());
-                let n = open.entry(ip).or_insert(0);
-                if *n >= p.max {
-                    return None;
-                }
-                *n += 1;
-                Some(IpSlot {
-                    ip,
-                    open: p.open.clone(),
-                })
-            }
+            Some(p) => p.claim(peer).ok()?,
         };
         Some(ConnLease {
             _permit: permit,
-            _ip_slot: ip_slot,
+            ip_slot,
             // Only admitted connections count as accepted and active.
             _counted: counted(),
             limits: self.open.clone(),
             next_id: self.next_id.fetch_add(1, Ordering::Relaxed),
         })
+    }
+
+    /// The connection's client is `client`, named by a PROXY header from a trusted
+    /// proxy (which is exempt, so the lease holds no per-IP slot yet): from now on it
+    /// counts against `client`'s `max_connections_per_ip`, as a direct connection from
+    /// `client` would. False when `client` already holds its cap: the caller closes the
+    /// connection before TLS. A lease already counted for its peer is left as it is.
+    pub fn admit_named_client(&self, lease: &mut ConnLease, client: IpAddr) -> bool {
+        let Some(p) = &self.per_ip else {
+            return true;
+        };
+        if lease.ip_slot.is_some() {
+            return true;
+        }
+        match p.claim(client) {
+            Ok(slot) => {
+                lease.ip_slot = slot;
+                true
+            }
+            Err(AtCap) => false,
+        }
     }
 
     /// True when `ip` already holds its `max_connections_per_ip` connections (checked
@@ -154,7 +185,7 @@ impl ConnLimits {
 /// Everything a connection holds while it is open. Dropping it frees the slots.
 pub struct ConnLease {
     _permit: OwnedSemaphorePermit,
-    _ip_slot: Option<IpSlot>,
+    ip_slot: Option<IpSlot>,
     _counted: Option<ConnectionGuard>,
     limits: Arc<Mutex<HashMap<u64, Arc<dyn Evictable>>>>,
     next_id: u64,
@@ -163,7 +194,7 @@ pub struct ConnLease {
 impl std::fmt::Debug for ConnLease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnLease")
-            .field("ip_slot", &self._ip_slot)
+            .field("ip_slot", &self.ip_slot)
             .finish_non_exhaustive()
     }
 }
@@ -253,6 +284,26 @@ mod tests {
         assert!(limits
             .admit(limits.acquire().await.unwrap(), ip("192.0.2.1"), || None)
             .is_some());
+    }
+
+    #[tokio::test]
+    async fn a_client_named_by_a_trusted_proxy_counts_against_its_own_cap() {
+        let trusted = ClientIpPolicy::new(vec!["10.0.0.0/8".parse().unwrap()]);
+        let limits = ConnLimits::new(10, 1, trusted);
+        let lease = || limits.admit(limits.try_acquire().unwrap(), ip("10.0.0.1"), || None);
+        let mut first = lease().unwrap();
+        assert!(limits.admit_named_client(&mut first, ip("192.0.2.7")));
+        assert_eq!(limits.open_from(ip("192.0.2.7")), 1);
+        // The same client through the same (exempt) proxy: over its cap.
+        let mut second = lease().unwrap();
+        assert!(!limits.admit_named_client(&mut second, ip("192.0.2.7")));
+        // Another client through the proxy, and a trusted name, are fine.
+        assert!(limits.admit_named_client(&mut second, ip("192.0.2.8")));
+        let mut third = lease().unwrap();
+        assert!(limits.admit_named_client(&mut third, ip("10.0.0.2")));
+        assert_eq!(limits.open_from(ip("10.0.0.2")), 0);
+        drop(first);
+        assert_eq!(limits.open_from(ip("192.0.2.7")), 0);
     }
 
     #[tokio::test]

@@ -239,6 +239,7 @@ pub async fn run(prepared: Prepared) -> Result<(), StartError> {
                 .proxy_protocol
                 .then(|| ClientIpPolicy::new(settings.trusted_proxies.clone())),
             fallback_local: https_addr,
+            limits: limits.clone(),
         });
         accepting.spawn(accept_loop(
             https,
@@ -566,6 +567,8 @@ struct TlsFrontend {
     timeouts: ConnTimeouts,
     /// `Some` when `proxy_protocol = "on"`: who may send the header.
     proxy_protocol: Option<ClientIpPolicy>,
+    /// The listener's slots: a client named by a PROXY header takes its per-IP slot.
+    limits: Arc<ConnLimits>,
     fallback_local: SocketAddr,
 }
 
@@ -579,6 +582,16 @@ impl TlsFrontend {
             }
             Some(policy) => match proxy_protocol::accept(stream, peer, policy).await {
                 Ok((stream, client)) => {
+                    let mut lease = lease;
+                    if !self.limits.admit_named_client(&mut lease, client.ip()) {
+                        self.metrics.count_connection_refused("per_ip");
+                        tracing::debug!(
+                            peer = %peer,
+                            client = %client,
+                            "connection refused: server.max_connections_per_ip (client named by the PROXY header)"
+                        );
+                        return;
+                    }
                     let conn = ConnInfo::new(client, local)
                         .named_by_proxy_header()
                         .with_lease(lease);

@@ -329,6 +329,74 @@ async fn proxy_named_client_cannot_choose_its_ip_with_xff() {
     );
 }
 
+/// TLS after a PROXY v1 header naming `client` (the socket peer, 127.0.0.1, is the
+/// trusted balancer); `None` when the gateway closed the connection instead.
+async fn tls_via_proxy_header(
+    gw: &Gateway,
+    client: &str,
+) -> Option<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut tcp = TcpStream::connect(gw.https_addr).await.unwrap();
+    let header = format!("PROXY TCP4 {client} 127.0.0.1 5555 8443\r\n");
+    tcp.write_all(header.as_bytes()).await.unwrap();
+    let connect = tokio_rustls::TlsConnector::from(gw.client_config(Alpn::Http11)).connect(
+        rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+        tcp,
+    );
+    tokio::time::timeout(Duration::from_secs(5), connect)
+        .await
+        .expect("closed or served within 5 s, not left hanging")
+        .ok()
+}
+
+/// `max_connections_per_ip` holds for clients behind a PROXY-protocol balancer too: the
+/// balancer itself is exempt, and the client its header names takes the slot (before:
+/// such clients were not capped at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_ip_cap_applies_to_clients_named_by_the_proxy_header() {
+    let up = Upstream::start().await;
+    let gw = GatewayBuilder::new(&up.url())
+        .section(
+            "server",
+            "proxy_protocol = \"on\"\ntrusted_proxies = [\"127.0.0.0/8\"]\nmax_connections_per_ip = 2",
+        )
+        .start()
+        .await;
+    let a = tls_via_proxy_header(&gw, "203.0.113.7")
+        .await
+        .expect("first");
+    let _b = tls_via_proxy_header(&gw, "203.0.113.7")
+        .await
+        .expect("second");
+    assert!(
+        tls_via_proxy_header(&gw, "203.0.113.7").await.is_none(),
+        "a third connection for the same client must be closed before TLS"
+    );
+    // Another client behind the same balancer is not affected.
+    let mut other = tls_via_proxy_header(&gw, "203.0.113.8")
+        .await
+        .expect("another client");
+    other
+        .write_all(b"GET /echo HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let raw = read_to_close(&mut other, Duration::from_secs(10)).await;
+    assert_eq!(status_of(&raw), 200, "{raw}");
+    let (_, m) = gw.admin_get("/metrics").await;
+    assert_eq!(
+        metric(
+            &m,
+            "onramp_gateway_connections_refused_total",
+            &[("reason", "per_ip")]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    // A freed slot is usable again (once the gateway has seen the close: only `b` open).
+    drop(a);
+    wait_active(&gw, 1.0).await;
+    assert!(tls_via_proxy_header(&gw, "203.0.113.7").await.is_some());
+}
+
 /// Items 4 and 9: `check` refuses what the run would refuse (exit 0 means it starts).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_refuses_configs_the_run_would_refuse() {
