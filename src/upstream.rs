@@ -73,6 +73,11 @@ pub struct UploadState {
 impl UploadState {
     /// Resolves once the whole body has been handed to the upstream connection.
     pub async fn sent(&self) {
+        // Most requests (GET, HEAD) have no body: sent before anyone asks, and a waiter
+        // registered and removed on the Notify (a lock each way) would be wasted.
+        if self.sent.load(Ordering::Acquire) {
+            return;
+        }
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
