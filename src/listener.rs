@@ -237,7 +237,7 @@ where
     let activity = Arc::new(Activity::new(protocol));
     // A candidate for "close the oldest idle keep-alive" while this task serves HTTP;
     // an upgraded tunnel keeps the lease but is no longer a candidate.
-    let _registered = conn
+    let registered = conn
         .lease
         .as_ref()
         .map(|lease| lease.register(activity.clone()));
@@ -270,7 +270,8 @@ where
     });
     let mut connection = Served::new(&builder, protocol, io, service);
     async move {
-        let _registered = _registered;
+        // Held (and the connection an eviction candidate) for as long as this future runs.
+        let _registered = registered;
         let drained = drain.cancelled();
         tokio::pin!(drained);
         let evicted = activity.evict.notified();

@@ -77,6 +77,25 @@ pub struct TestPki {
 }
 
 impl TestPki {
+    /// A TLS server with this PKI's leaf chain and key, offering `alpn` (for the fakes
+    /// that speak TLS: the fake CDP, the browser tests' page servers).
+    pub fn acceptor(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::PrivateKeyDer;
+        install_provider();
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.cert_path)
+            .expect("read the test chain")
+            .map(|c| c.expect("a test certificate"))
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(&self.key_path).expect("read the test key");
+        let mut cfg = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("test TLS server config");
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+    }
+
     pub fn new(format: KeyFormat) -> TestPki {
         install_provider();
         let dir = tempfile::Builder::new()

@@ -45,7 +45,7 @@ use hyper::{Request, Response, StatusCode};
 use onramp_gateway::cdp::key::KeyAlgorithm;
 use serde_json::{json, Value};
 
-use super::certs::{install_provider, TestPki};
+use super::certs::TestPki;
 
 /// The one route the fake serves.
 pub const TOKEN_PATH: &str = "/onramp/v1/token";
@@ -646,20 +646,7 @@ fn serve(
 
 /// The fake's TLS side: `pki`'s leaf, ALPN `h2` then `http/1.1`.
 fn tls_acceptor(pki: &TestPki) -> tokio_rustls::TlsAcceptor {
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    install_provider();
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pki.cert_path)
-        .expect("read fake CDP chain")
-        .map(|c| c.expect("fake CDP cert"))
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(&pki.key_path).expect("read fake CDP key");
-    let mut cfg = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .expect("fake CDP TLS config");
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+    pki.acceptor(&[b"h2", b"http/1.1"])
 }
 
 type Body = BoxBody<Bytes, Infallible>;

@@ -12,12 +12,10 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use super::certs::{install_provider, TestPki};
+use super::certs::TestPki;
 
 /// One request as the server saw it.
 #[derive(Clone, Debug)]
@@ -128,16 +126,5 @@ impl Drop for PageServer {
 /// TLS with the gateway's own test leaf: Chromium accepts it for any host name only
 /// because its key is the pinned one (`CertTrust::pin_leaf_of`).
 pub fn tls_acceptor(pki: &TestPki) -> tokio_rustls::TlsAcceptor {
-    install_provider();
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pki.cert_path)
-        .expect("read chain")
-        .map(|c| c.expect("cert"))
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(&pki.key_path).expect("read key");
-    let mut cfg = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .expect("server config");
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg))
+    pki.acceptor(&[b"http/1.1"])
 }
