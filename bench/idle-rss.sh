@@ -8,6 +8,7 @@
 # Needs: python3, openssl, nginx (the upstream). Not a test: numbers only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 CONNS=${CONNS:-10000}
 bin=${GATEWAY_BIN:-target/release/onramp-gateway}
 ulimit -n 65536 2>/dev/null || true
@@ -15,18 +16,9 @@ dir=$(mktemp -d -t idle-rss.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
 trap cleanup EXIT
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
-  -keyout "$dir/tls.key" -out "$dir/tls.crt" 2>/dev/null
-mkdir -p "$dir/nginx"
-cat > "$dir/nginx.conf" <<CONF
-worker_processes 1; daemon off; pid $dir/nginx.pid; error_log $dir/nginx/error.log;
-events { worker_connections 1024; }
-http { access_log off; client_body_temp_path $dir/nginx; proxy_temp_path $dir/nginx;
-  fastcgi_temp_path $dir/nginx; uwsgi_temp_path $dir/nginx; scgi_temp_path $dir/nginx;
-  server { listen 127.0.0.1:18781; location / { return 200 "ok\n"; } } }
-CONF
-taskset -c 1 nginx -c "$dir/nginx.conf" -p "$dir" >/dev/null 2>&1 &
-pids+=($!)
+bench_self_signed "$dir"
+bench_start_app "$dir" 18781
+pids+=("$app_pid")
 cat > "$dir/config.toml" <<CONF
 [server]
 listen = "127.0.0.1:18743"

@@ -19,6 +19,7 @@
 # `cargo build --release --example bench_fake_cdp`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 DELAY_MS=${DELAY_MS:-0}
@@ -26,7 +27,6 @@ BACKEND=${BACKEND:-memory}
 KEY_TYPE=${KEY_TYPE:-ec}
 CDP_TLS=${CDP_TLS:-1}
 MODE=${MODE:-mint}
-NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 case "$MODE" in mint|proxy|both) ;; *) echo "MODE must be mint, proxy or both"; exit 2 ;; esac
 target=${CARGO_TARGET_DIR:-target}
 cargo build --release --quiet --bin onramp-gateway --example bench_fake_cdp
@@ -36,8 +36,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
 trap cleanup EXIT
 
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
-  -keyout "$dir/tls.key" -out "$dir/tls.crt" 2>/dev/null
+bench_self_signed "$dir"
 if [ "$CDP_TLS" = 1 ]; then
   # A tiny CA and a 127.0.0.1 leaf for the fake CDP; the gateway trusts the CA through
   # cdp.ca_file, on top of its built-in roots.
@@ -74,26 +73,9 @@ if [ "$BACKEND" = redis ]; then
   for _ in $(seq 50); do redis-cli -p 18379 ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 if [ "$MODE" != mint ]; then
-  # The app for the proxied run: nginx answering `return 200` with a 100-byte body.
-  mkdir -p "$dir/nginx"
-  cat >"$dir/nginx/nginx.conf" <<NGINX
-worker_processes 1;
-daemon off;
-pid $dir/nginx/nginx.pid;
-error_log $dir/nginx/error.log warn;
-events { worker_connections 16384; }
-http {
-  access_log off;
-  client_body_temp_path $dir/nginx; proxy_temp_path $dir/nginx; fastcgi_temp_path $dir/nginx;
-  uwsgi_temp_path $dir/nginx; scgi_temp_path $dir/nginx;
-  keepalive_requests 100000000;
-  keepalive_timeout 300s;
-  server { listen 127.0.0.1:18991; location / { default_type text/plain; return 200 "mint-bench upstream: a small static body for the proxied comparison run, about 100 bytes long..\n"; } }
-}
-NGINX
-  taskset -c 1 "$NGINX" -c "$dir/nginx/nginx.conf" -e "$dir/nginx/error.log" >"$dir/nginx.log" 2>&1 &
-  pids+=($!)
-  for _ in $(seq 50); do curl -s -o /dev/null http://127.0.0.1:18991/ && break; sleep 0.1; done
+  # The app for the proxied run.
+  bench_start_app "$dir" 18991
+  pids+=("$app_pid")
 fi
 env "${cdp_env[@]}" taskset -c 1 "$target/release/examples/bench_fake_cdp" 18990 "$DELAY_MS" >"$dir/cdp.log" 2>&1 &
 cdp=$!
