@@ -63,21 +63,11 @@ impl RedisServer {
             .prefix("onramp-gw-redis-tls-")
             .tempdir()
             .expect("tempdir for redis-server");
-        let path = |p: &Path| p.to_string_lossy().into_owned();
         let mut server = RedisServer {
             port: free_port(),
             child: None,
             dir,
-            extra: vec![
-                "--tls-cert-file".into(),
-                path(cert),
-                "--tls-key-file".into(),
-                path(key),
-                "--tls-ca-cert-file".into(),
-                path(ca_file),
-                "--tls-auth-clients".into(),
-                "no".into(),
-            ],
+            extra: tls_args(cert, key, ca_file),
             tls_ca_pem: Some(std::fs::read(ca_file).expect("read the test CA")),
         };
         server.spawn();
@@ -115,19 +105,8 @@ impl RedisServer {
         };
         if let Some((cert, key, ca_file)) = tls {
             crate::common::certs::install_provider();
-            let path = |p: &Path| p.to_string_lossy().into_owned();
-            server.extra.extend([
-                "--tls-cluster".into(),
-                "yes".into(),
-                "--tls-cert-file".into(),
-                path(cert),
-                "--tls-key-file".into(),
-                path(key),
-                "--tls-ca-cert-file".into(),
-                path(ca_file),
-                "--tls-auth-clients".into(),
-                "no".into(),
-            ]);
+            server.extra.extend(["--tls-cluster".into(), "yes".into()]);
+            server.extra.extend(tls_args(cert, key, ca_file));
             server.tls_ca_pem = Some(std::fs::read(ca_file).expect("read the test CA"));
         }
         server.spawn();
@@ -483,4 +462,20 @@ impl RedisCluster {
             node.log()
         );
     }
+}
+
+/// redis-server's TLS settings: this leaf and key, this CA, clients not asked for a
+/// certificate (the gateway authenticates the server, not the other way round).
+fn tls_args(cert: &Path, key: &Path, ca_file: &Path) -> Vec<String> {
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    vec![
+        "--tls-cert-file".into(),
+        path(cert),
+        "--tls-key-file".into(),
+        path(key),
+        "--tls-ca-cert-file".into(),
+        path(ca_file),
+        "--tls-auth-clients".into(),
+        "no".into(),
+    ]
 }
