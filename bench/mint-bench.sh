@@ -6,6 +6,7 @@
 #   MODE=both bench/mint-bench.sh  # first proxied HTTPS/1.1 GET / (nginx `return 200` app),
 #                                  # then the mint path; prints redirects/s / proxied req/s
 #   MODE=proxy bench/mint-bench.sh # the proxied run alone
+#   KEY_TYPE=ed25519 bench/mint-bench.sh   # sign with an Ed25519 CDP key (default: ec, ES256)
 #   CDP_TLS=0 bench/mint-bench.sh  # the old plain-HTTP/1.1 fake (one CDP connection per
 #                                  # mint in flight, which the real CDP never makes us do)
 #   CDP_H2_MAX_STREAMS=1000 ...    # the h2 stream limit the fake advertises (default hyper's
@@ -110,6 +111,16 @@ gw=$!
 pids+=($gw)
 for _ in $(seq 100); do curl -sk -o /dev/null https://127.0.0.1:18643/healthz-probe && break; sleep 0.1; done
 threads=1; [ "$CONNS" -gt 1000 ] && threads=2
+# The gateway's CPU time (user + system, clock ticks) so far, and a run's CPU figures: busy %
+# of its one core, and CPU µs per request. When the gateway is not near 100 % busy, req/s is
+# capped by cpu 1 (wrk and the fake CDP, which verifies every JWT), and µs/request is the
+# fair figure, as in proxy-bench.
+ticks() { awk '{print $14 + $15}' /proc/$gw/stat; }
+hz=$(getconf CLK_TCK)
+cpu_line() { # TICKS_BEFORE TICKS_AFTER WRK_OUTPUT
+  awk -v t0="$1" -v t1="$2" -v hz="$hz" -v d="$DURATION" '/requests in/ { n = $1 }
+    END { s = (t1 - t0) / hz; printf "gateway cpu %.0f%% busy, %.1f us/request", 100 * s / d, 1e6 * s / n }' "$3"
+}
 rss() { echo "peak $(grep VmHWM /proc/$gw/status | awk '{printf "%.1f", $2/1024}') MiB, now $(grep VmRSS /proc/$gw/status | awk '{printf "%.1f", $2/1024}') MiB"; }
 # wrk's "Requests/sec" and a latency percentile, in ms.
 rps() { awk '/^Requests\/sec:/ {print $2}' "$1"; }
@@ -122,7 +133,10 @@ if [ "$MODE" != mint ]; then
   code=$(curl -sk -o /dev/null -w '%{http_code}' https://127.0.0.1:18643/)
   [ "$code" = 200 ] || { echo "proxied warm-up request got $code, expected 200"; cat "$dir/gateway.log"; exit 1; }
   echo "== proxied HTTPS/1.1 GET / (app: nginx return 200), $CONNS conns"
+  t0=$(ticks)
   taskset -c 1 wrk -t"$threads" -c"$CONNS" -d"${DURATION}s" --latency --timeout 10s https://127.0.0.1:18643/ | tee "$dir/wrk-proxy.txt"
+  proxy_cpu=$(cpu_line "$t0" "$(ticks)" "$dir/wrk-proxy.txt")
+  echo "proxied run: $proxy_cpu"
   echo "gateway RSS after the proxied run: $(rss)"
 fi
 if [ "$MODE" != proxy ]; then
@@ -130,13 +144,17 @@ if [ "$MODE" != proxy ]; then
   code=$(curl -sk -o /dev/null -w '%{http_code}' "$url")
   [ "$code" = 302 ] || { echo "warm-up request got $code, expected 302"; cat "$dir/gateway.log"; exit 1; }
   echo "== mint path GET /onramp (302), $CONNS conns, fake CDP $cdp_base delay ${DELAY_MS} ms"
+  t0=$(ticks)
   taskset -c 1 wrk -t"$threads" -c"$CONNS" -d"${DURATION}s" --latency --timeout 10s "$url" | tee "$dir/wrk.txt"
+  mint_cpu=$(cpu_line "$t0" "$(ticks)" "$dir/wrk.txt")
+  echo "mint run: $mint_cpu"
   echo "gateway RSS after the mint run: $(rss)"
   p50=$(pct "$dir/wrk.txt" 50); p99=$(pct "$dir/wrk.txt" 99)
   echo "mint p50 ${p50} ms, p99 ${p99} ms, p99/p50 $(awk -v a="$p99" -v b="$p50" 'BEGIN { if (b > 0) printf "%.2f", a / b }')"
 fi
 if [ "$MODE" = both ]; then
   echo "redirects/s / proxied req/s = $(rps "$dir/wrk.txt") / $(rps "$dir/wrk-proxy.txt") = $(awk -v a="$(rps "$dir/wrk.txt")" -v b="$(rps "$dir/wrk-proxy.txt")" 'BEGIN { if (b > 0) printf "%.3f", a / b }')"
+  echo "cpu: proxied ($proxy_cpu) vs mint ($mint_cpu)"
 fi
 kill -INT "$cdp" 2>/dev/null || true
 for _ in $(seq 50); do kill -0 "$cdp" 2>/dev/null || break; sleep 0.1; done
