@@ -5,7 +5,8 @@
 //! - [`config`]: `config.toml` into typed, validated settings.
 //! - [`tls`]: certificates and the rustls server config (reloadable); [`acme`]: ordering
 //!   and renewing them over ACME (TLS-ALPN-01) into that same store.
-//! - [`listener`]: accept loop, connection limits, timeouts, per-connection HTTP.
+//! - [`listener`]: accept loop, connection limits, timeouts, per-connection HTTP;
+//!   [`h2_resets`]: the HTTP/2 streams h2 refuses on its own, counted and logged.
 //! - [`client_ip`]: the client IP decision (socket peer; trusted proxies).
 //! - [`routes`]: routing, access log, request metrics.
 //! - [`api`]: the JSON endpoints for browser SDKs (buy options/quote, transactions) and
@@ -39,6 +40,7 @@ pub mod error;
 pub mod fetch_site;
 pub mod forwarding;
 pub mod gate;
+pub mod h2_resets;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

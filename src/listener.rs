@@ -31,6 +31,7 @@ use tokio_util::task::TaskTracker;
 use crate::body::ResponseBody;
 use crate::client_ip::ConnInfo;
 use crate::conn_limit::{ConnLease, ConnLimits};
+use crate::h2_resets::{reason_label, StreamRefusals};
 use crate::metrics::{ConnectionGuard, Metrics};
 
 /// Per-connection HTTP settings derived from `[server]`.
@@ -241,12 +242,13 @@ where
         .lease
         .as_ref()
         .map(|lease| lease.register(activity.clone()));
+    let peer = conn.peer;
     let io = TokioIo::new(ActivityIo {
         inner: io,
         activity: activity.clone(),
+        refusals: (protocol == Protocol::Http2).then(|| StreamRefusals::new(peer, metrics.clone())),
     });
     let service_activity = activity.clone();
-    let peer = conn.peer;
     let service = service_fn(move |mut req: Request<Incoming>| {
         let handler = handler.clone();
         let conn = conn.clone();
@@ -384,14 +386,7 @@ fn protocol_error_reason(hyper_err: &hyper::Error) -> Option<&'static str> {
             if h2e.is_remote() || h2e.is_io() {
                 return None;
             }
-            return match h2e.reason() {
-                Some(h2::Reason::ENHANCE_YOUR_CALM) => Some("http2_enhance_your_calm"),
-                Some(h2::Reason::FRAME_SIZE_ERROR) => Some("http2_frame_size"),
-                Some(h2::Reason::COMPRESSION_ERROR) => Some("http2_compression"),
-                Some(h2::Reason::FLOW_CONTROL_ERROR) => Some("http2_flow_control"),
-                Some(h2::Reason::NO_ERROR) | None => None,
-                Some(_) => Some("http2_protocol"),
-            };
+            return h2e.reason().and_then(|r| reason_label(r.into()));
         }
         source = s.source();
     }
@@ -689,6 +684,8 @@ impl<B: hyper::body::Body> hyper::body::Body for TrackedBody<B> {
 struct ActivityIo<T> {
     inner: T,
     activity: Arc<Activity>,
+    /// HTTP/2 only: the stream-level refusals in what the connection writes.
+    refusals: Option<StreamRefusals>,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
@@ -706,6 +703,19 @@ impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
     }
 }
 
+impl<T> ActivityIo<T> {
+    /// The first `n` bytes of `bufs` went out.
+    fn wrote(&mut self, bufs: &[io::IoSlice<'_>], n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.activity.bytes_written();
+        if let Some(refusals) = &mut self.refusals {
+            refusals.wrote(bufs, n);
+        }
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
@@ -713,8 +723,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.bytes_written();
+        if let Poll::Ready(Ok(n)) = result {
+            self.wrote(&[io::IoSlice::new(buf)], n);
         }
         result
     }
@@ -724,8 +734,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.bytes_written();
+        if let Poll::Ready(Ok(n)) = result {
+            self.wrote(bufs, n);
         }
         result
     }

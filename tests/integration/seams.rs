@@ -754,6 +754,155 @@ async fn protocol_refusals_are_visible_and_bad_bodies_are_400() {
     assert_eq!(status_of(&raw), 400, "{raw}");
 }
 
+/// An HTTP/2 frame: 9-byte header (length, type, flags, stream id) and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A HEADERS block of literal fields (never indexed, no Huffman): enough HPACK for a
+/// test to write requests the h2 client crate would refuse to send.
+fn hpack_literals(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in fields {
+        block.push(0x10);
+        for s in [name, value] {
+            assert!(s.len() < 127, "one-byte HPACK length");
+            block.push(u8::try_from(s.len()).unwrap());
+            block.extend_from_slice(s.as_bytes());
+        }
+    }
+    block
+}
+
+/// Reads HTTP/2 frames until one of `kind` on `stream` arrives (acknowledging the
+/// server's SETTINGS on the way); its payload.
+async fn read_h2_frame_until<S>(s: &mut S, kind: u8, stream: u32) -> Vec<u8>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let mut head = [0u8; 9];
+            s.read_exact(&mut head).await.expect("frame header");
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload).await.expect("frame payload");
+            if head[3] == 0x4 && head[4] & 0x1 == 0 {
+                s.write_all(&h2_frame(0x4, 0x1, 0, &[])).await.unwrap();
+            }
+            if head[3] == kind && id == stream {
+                return payload;
+            }
+        }
+    })
+    .await
+    .expect("the frame within 10 s")
+}
+
+/// A malformed HTTP/2 request (a connection-specific field, RFC 9113 §8.2.2) is refused
+/// by h2 with RST_STREAM on its stream alone, without reaching hyper's service. The
+/// gateway still logs it with peer and reason and counts it, and the connection goes on
+/// serving the next stream. Each refusal is counted, but only the first on a connection
+/// is an info line: a client cannot turn its own bad streams into a log flood.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_stream_refusals_are_logged_and_counted() {
+    let up = Upstream::start().await;
+    let gw = GatewayBuilder::new(&up.url()).start().await;
+    let authority = format!("localhost:{}", gw.https_addr.port());
+    let request = |extra: &[(&'static str, &'static str)]| {
+        let mut fields = vec![
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":path", "/echo"),
+            (":authority", authority.as_str()),
+        ];
+        fields.extend_from_slice(extra);
+        hpack_literals(&fields)
+    };
+    let mut tls = gw.tls_connect(Alpn::H2).await;
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(h2_frame(0x4, 0, 0, &[]));
+    // END_STREAM | END_HEADERS
+    hello.extend(h2_frame(0x1, 0x5, 1, &request(&[("connection", "close")])));
+    tls.write_all(&hello).await.unwrap();
+    let code = read_h2_frame_until(&mut tls, 0x3, 1).await;
+    assert_eq!(code, 1u32.to_be_bytes(), "RST_STREAM(PROTOCOL_ERROR)");
+
+    // Counted before the client could read the RST_STREAM: it is counted as it is written.
+    let m = metrics_text(&gw).await;
+    assert_eq!(
+        metric(
+            &m,
+            "onramp_gateway_protocol_errors_total",
+            &[("reason", "http2_protocol")]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    let ev = gw
+        .wait_for_log(Duration::from_secs(5), "stream refusal", |e| {
+            crate::common::gateway::field_str(e, "message")
+                == Some("request refused at the protocol level")
+                && crate::common::gateway::field_str(e, "scope") == Some("stream")
+        })
+        .await;
+    assert_eq!(
+        crate::common::gateway::field_str(&ev, "reason"),
+        Some("http2_protocol")
+    );
+    assert!(
+        crate::common::gateway::field_str(&ev, "peer").is_some_and(|p| p.starts_with("127.0.0.1:"))
+    );
+    assert_eq!(ev.get("level").and_then(|l| l.as_str()), Some("INFO"));
+
+    // Two more on the same connection: counted, not logged at info again.
+    for stream in [3, 5] {
+        tls.write_all(&h2_frame(0x1, 0x5, stream, &request(&[("te", "gzip")])))
+            .await
+            .unwrap();
+        let code = read_h2_frame_until(&mut tls, 0x3, stream).await;
+        assert_eq!(code, 1u32.to_be_bytes(), "stream {stream}");
+    }
+    let m = metrics_text(&gw).await;
+    assert_eq!(
+        metric(
+            &m,
+            "onramp_gateway_protocol_errors_total",
+            &[("reason", "http2_protocol")]
+        ),
+        Some(3.0),
+        "{m}"
+    );
+
+    // The same connection serves a well-formed request on the next stream.
+    tls.write_all(&h2_frame(0x1, 0x5, 7, &request(&[])))
+        .await
+        .unwrap();
+    let head = read_h2_frame_until(&mut tls, 0x1, 7).await;
+    assert!(!head.is_empty(), "a response HEADERS block for stream 7");
+    assert_eq!(
+        up.requests(),
+        1,
+        "only the well-formed request reached the app"
+    );
+    // Its access-log line comes after any line the refusals wrote.
+    gw.wait_for_log(Duration::from_secs(5), "access log for stream 7", |e| {
+        crate::common::gateway::field_str(e, "message") == Some("request")
+    })
+    .await;
+    let info_lines = gw
+        .log_events()
+        .iter()
+        .filter(|e| crate::common::gateway::field_str(e, "scope") == Some("stream"))
+        .count();
+    assert_eq!(info_lines, 1, "{}", gw.logs());
+}
+
 /// Item 13: an HTTP/2 connection with no open stream is idle whatever PINGs it sends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_pings_do_not_keep_an_idle_connection_open() {
