@@ -105,8 +105,11 @@ impl App {
             Route::proxy if reserved(&self.forward_path, req.uri().path()) => {
                 GatewayError::NotFound.into_response(req.headers())
             }
+            // Every route's future is boxed: this one is as large as its largest arm, and
+            // it is in flight for every request. The webhook arm inline made it 3.5 KiB
+            // instead of 1.4 KiB, for proxied requests and mints too.
             Route::webhook => match &self.webhooks {
-                Some(receiver) => receiver.handle(req, client, conn.peer.ip()).await,
+                Some(receiver) => Box::pin(receiver.handle(req, client, conn.peer.ip())).await,
                 None => GatewayError::NotFound.into_response(req.headers()),
             },
             Route::proxy => {
