@@ -56,3 +56,13 @@ pub mod ticket;
 pub mod tls;
 pub mod upstream;
 pub mod webhook;
+
+/// Helpers for the crate's unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    /// The size of what `f` returns, from its type alone: nothing is built or run (for
+    /// tests that keep long-lived futures small).
+    pub fn returned_size<A, R>(_: impl FnOnce(A) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+}

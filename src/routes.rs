@@ -283,9 +283,7 @@ mod tests {
     /// route inline it was the size of that route (3.5 KiB, for every proxied request).
     #[test]
     fn the_request_future_does_not_hold_any_routes_future() {
-        fn returned_size<A, R>(_: impl FnOnce(A) -> R) -> usize {
-            std::mem::size_of::<R>()
-        }
+        use crate::test_support::returned_size;
         let request = returned_size(
             |(app, req, conn): (Arc<App>, Request<Incoming>, Arc<ConnInfo>)| async move {
                 app.handle(req, conn).await

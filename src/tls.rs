@@ -346,9 +346,7 @@ pub fn not_after(key: &CertifiedKey) -> Option<i64> {
     Some(parsed.validity().not_after.timestamp())
 }
 
-/// TLS 1.2 and 1.3 only, ALPN `h2` then `http/1.1`.
-/// With `[tls.acme]`, `acme-tls/1` too (for TLS-ALPN-01 validation connections).
-/// The listener's provider: aws-lc-rs with the SHA-256 suites (AES-128-GCM, then
+/// The listener's provider: the process's one ([`provider`]) with the SHA-256 suites (AES-128-GCM, then
 /// ChaCha20-Poly1305) ahead of AES-256-GCM-SHA384, chosen in this order whatever the
 /// client's order (`ignore_client_order`). All are strong; browsers already ask for
 /// AES-128-GCM first. The order matters for CPU: SHA-384's key schedule runs on aws-lc's
@@ -356,7 +354,7 @@ pub fn not_after(key: &CertifiedKey) -> Option<i64> {
 /// SHA extensions: with OpenSSL-based clients (which list AES-256 first), the handshake
 /// hashing was 16% of a new connection's CPU (perf, proxy-bench newconn).
 fn listener_provider() -> Arc<CryptoProvider> {
-    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    let mut p = CryptoProvider::clone(&provider());
     // Stable: rustls' own order is kept within each hash.
     p.cipher_suites.sort_by_key(|suite| {
         let hash = match suite {
@@ -368,6 +366,8 @@ fn listener_provider() -> Arc<CryptoProvider> {
     Arc::new(p)
 }
 
+/// TLS 1.2 and 1.3 only, ALPN `h2` then `http/1.1`.
+/// With `[tls.acme]`, `acme-tls/1` too (for TLS-ALPN-01 validation connections).
 pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsError> {
     let store_is_acme = store.is_acme();
     let mut config = ServerConfig::builder_with_provider(listener_provider())

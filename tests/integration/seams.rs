@@ -305,15 +305,7 @@ async fn proxy_named_client_cannot_choose_its_ip_with_xff() {
         )
         .start()
         .await;
-    let mut tcp = TcpStream::connect(gw.https_addr).await.unwrap();
-    tcp.write_all(b"PROXY TCP4 127.0.0.9 127.0.0.1 5555 8443\r\n")
-        .await
-        .unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(gw.client_config(Alpn::Http11))
-        .connect(
-            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
+    let mut tls = tls_via_proxy_header(&gw, "127.0.0.9")
         .await
         .expect("TLS after the PROXY header");
     tls.write_all(
@@ -754,6 +746,9 @@ async fn protocol_refusals_are_visible_and_bad_bodies_are_400() {
     assert_eq!(status_of(&raw), 400, "{raw}");
 }
 
+/// The client connection preface (RFC 9113 §3.4), before the client's SETTINGS.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// An HTTP/2 frame: 9-byte header (length, type, flags, stream id) and payload.
 fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
@@ -825,7 +820,7 @@ async fn http2_stream_refusals_are_logged_and_counted() {
         hpack_literals(&fields)
     };
     let mut tls = gw.tls_connect(Alpn::H2).await;
-    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    let mut hello = H2_PREFACE.to_vec();
     hello.extend(h2_frame(0x4, 0, 0, &[]));
     // END_STREAM | END_HEADERS
     hello.extend(h2_frame(0x1, 0x5, 1, &request(&[("connection", "close")])));
@@ -1405,13 +1400,6 @@ async fn http2_continuation_flood_is_bounded() {
     let gw = GatewayBuilder::new(&up.url()).start().await;
     let tls = gw.tls_connect(Alpn::H2).await;
     let (mut rd, mut wr) = tokio::io::split(tls);
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let len = payload.len() as u32;
-        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-        f.extend_from_slice(&stream.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    }
     // HPACK: :method GET, :scheme https, :path /, :authority localhost.
     let mut first = vec![0x82, 0x87, 0x84, 0x41, 9];
     first.extend_from_slice(b"localhost");
@@ -1424,15 +1412,15 @@ async fn http2_continuation_flood_is_bounded() {
     let block_len = block.len();
     let writer = tokio::spawn(async move {
         let mut sent = 0usize;
-        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-        out.extend(frame(0x4, 0, 0, &[]));
+        let mut out = H2_PREFACE.to_vec();
+        out.extend(h2_frame(0x4, 0, 0, &[]));
         // HEADERS with END_STREAM but without END_HEADERS, then CONTINUATION forever.
-        out.extend(frame(0x1, 0x1, 1, &first));
+        out.extend(h2_frame(0x1, 0x1, 1, &first));
         if wr.write_all(&out).await.is_err() {
             return sent;
         }
         for _ in 0..4096 {
-            if wr.write_all(&frame(0x9, 0, 1, &block)).await.is_err() {
+            if wr.write_all(&h2_frame(0x9, 0, 1, &block)).await.is_err() {
                 break;
             }
             sent += block.len();
